@@ -1,0 +1,330 @@
+"""The event contract: topic names and the typed records written to them.
+
+This module is the project's public contract. Any producer may write
+``CandidateTurn`` events to ``turns.candidates`` as UTF-8 JSON (the field names
+below, plus ``"schema_version": 1``) keyed by ``conversation_id``; the workers
+answer on ``turns.decisions`` with the same key, so all events of one
+conversation stay in one partition and in order.
+
+Topics (each name is prefixed by ``kafka.topic_prefix``):
+
+==================== =============================================== ==================
+topic                records                                          key
+==================== =============================================== ==================
+turns.candidates     CandidateTurn                                    conversation_id
+turns.scored         ScoredTurn (internal: scorer -> admitter)        conversation_id
+turns.decisions      Decision                                         conversation_id
+corpus.accepted      AcceptedConversation                             conversation_id
+turns.deadletter     DeadLetter                                       original key
+==================== =============================================== ==================
+
+Decoding is strict: ``decode(kind, raw_bytes)`` raises ``ContractError`` with a
+precise message for non-UTF-8 bytes, invalid JSON, a null value, an unknown
+schema version, missing or mistyped fields, and empty or oversized text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, TypeVar
+
+import faust
+
+from corpusfactory.errors import ContractError
+
+SCHEMA_VERSION = 1
+
+CANDIDATES = "turns.candidates"
+SCORED = "turns.scored"
+DECISIONS = "turns.decisions"
+ACCEPTED = "corpus.accepted"
+DEADLETTER = "turns.deadletter"
+ALL_TOPICS = (CANDIDATES, SCORED, DECISIONS, ACCEPTED, DEADLETTER)
+
+ROLES = ("user", "assistant")
+
+# Every reason a turn can be rejected for, and "accepted". One label set, used by
+# decisions, statistics and logs alike.
+ACCEPTED_REASON = "accepted"
+REASONS = (
+    ACCEPTED_REASON,
+    "duplicate",
+    "low_quality",
+    "empty",
+    "too_long",
+    "wrong_language",
+)
+
+
+class _Record(faust.Record, serializer="json", include_metadata=False, abstract=True):
+    """Base of every contract record: JSON, no faust metadata on the wire."""
+
+
+
+class CandidateTurn(_Record):
+    """A generated message offered for admission."""
+
+
+    schema_version: int
+    turn_id: str
+    conversation_id: str
+    index: int  # position of the message in its conversation, from 0
+    role: str  # "user" | "assistant"
+    text: str
+    source: str = "selfchat"
+    producer_id: str = ""
+    generator: str = ""
+    attempt: int = 0  # 0 for the first try at this position, then 1, 2, ...
+    created_at: float = 0.0
+
+
+class ScoredTurn(_Record):
+    """A candidate with its embedding and quality score (internal topic)."""
+
+
+    schema_version: int
+    candidate: CandidateTurn
+    precheck: str  # "" when the text may be admitted, else a rejection reason
+    embedding: list[float]
+    nll: float
+    tokens: int
+    embedder: str
+    scorer: str
+    origin_partition: int = -1
+    origin_offset: int = -1
+    scored_at: float = 0.0
+
+
+class Decision(_Record):
+    """The admission decision for one candidate turn."""
+
+
+    schema_version: int
+    turn_id: str
+    conversation_id: str
+    index: int
+    accepted: bool
+    reason: str
+    neighbour_id: str  # turn id (or seed id) of the nearest stored message, "" if none
+    similarity: float  # cosine with that neighbour, 0.0 if none
+    nll: float
+    tokens: int
+    embedder: str
+    scorer: str
+    similarity_threshold: float
+    nll_threshold: float
+    replayed: bool = False  # True when the turn had been accepted already (replay)
+    decided_at: float = 0.0
+
+
+class AcceptedTurn(_Record):
+    """One message of an accepted conversation, with its admission metadata."""
+
+    turn_id: str
+    role: str
+    text: str
+    nll: float
+    similarity: float
+    neighbour_id: str
+    embedder: str
+    scorer: str
+
+
+class AcceptedConversation(_Record):
+    """A finished conversation: every message accepted, in order."""
+
+
+    schema_version: int
+    conversation_id: str
+    source: str
+    turns: list[AcceptedTurn]
+    target_length: int
+    truncated: bool = False
+    producer_id: str = ""
+    generator: str = ""
+    finished_at: float = 0.0
+
+
+class DeadLetter(_Record):
+    """An event that could not be decoded, validated or processed."""
+
+
+    schema_version: int
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    key: str | None  # the original key, decoded as UTF-8 with replacement
+    value: str | None  # the original bytes as text (UTF-8 with replacement), None for null
+    error: str
+    error_type: str
+    stage: str  # "decode" | "score" | "admit" | "producer"
+    at: float = 0.0
+
+
+R = TypeVar("R", bound=_Record)
+
+_REQUIRED_TEXT = {CandidateTurn}
+
+
+def encode(record: _Record) -> bytes:
+    """The wire form of a record: compact UTF-8 JSON."""
+    return json.dumps(_plain(record), ensure_ascii=False).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, faust.Record):
+        return {k: _plain(v) for k, v in value.asdict().items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_TYPES: dict[type, tuple[type, ...]] = {
+    str: (str,),
+    int: (int,),
+    float: (int, float),
+    bool: (bool,),
+}
+
+
+def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[str, Any]:
+    fields = cls._options.fields  # name -> annotation
+    defaults = cls._options.defaults
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, ann in fields.items():
+        if name not in data:
+            if name in defaults:
+                continue
+            problems.append(f"missing field {name!r}")
+            continue
+        value = data[name]
+        out[name] = value
+        expected = _TYPES.get(ann)  # type: ignore[call-overload]
+        if expected is not None:
+            if isinstance(value, bool) and bool not in expected:
+                problems.append(f"field {name!r} must be {ann.__name__}, got bool")
+            elif not isinstance(value, expected):
+                problems.append(
+                    f"field {name!r} must be {ann.__name__}, got {type(value).__name__}"
+                )
+            elif ann is float and not math.isfinite(float(value)):
+                problems.append(f"field {name!r} must be finite")
+    if problems:
+        raise ContractError(f"{where}: " + "; ".join(problems))
+    return out
+
+
+def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
+    """Build a CandidateTurn from decoded JSON, checking every field."""
+    fields = _check_fields(CandidateTurn, data, "candidate turn")
+    for name in ("turn_id", "conversation_id"):
+        if not fields[name].strip():
+            raise ContractError(f"candidate turn: field {name!r} must not be empty")
+    if fields["role"] not in ROLES:
+        raise ContractError(f"candidate turn: role must be one of {ROLES}, got {fields['role']!r}")
+    if fields["index"] < 0:
+        raise ContractError("candidate turn: index must be >= 0")
+    text = fields["text"]
+    if not text.strip():
+        raise ContractError("candidate turn: text is empty")
+    if len(text) > max_chars:
+        raise ContractError(f"candidate turn: text has {len(text)} characters, over {max_chars}")
+    return CandidateTurn(**fields)
+
+
+def decode_json(raw: bytes | None, what: str) -> dict[str, Any]:
+    """Bytes -> JSON object with a supported schema version, or ContractError."""
+    if raw is None:
+        raise ContractError(f"{what}: null value (tombstone)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{what}: value is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{what}: invalid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ContractError(
+            f"{what}: unknown schema_version {version!r} (this worker reads {SCHEMA_VERSION})"
+        )
+    return data
+
+
+def decode_candidate(raw: bytes | None, max_chars: int) -> CandidateTurn:
+    return validate_candidate(decode_json(raw, "candidate turn"), max_chars)
+
+
+def decode_decision(raw: bytes | None) -> Decision:
+    data = decode_json(raw, "decision")
+    fields = _check_fields(Decision, data, "decision")
+    if fields["reason"] not in REASONS:
+        raise ContractError(f"decision: unknown reason {fields['reason']!r}")
+    return Decision(**fields)
+
+
+def decode_scored(raw: bytes | None) -> ScoredTurn:
+    data = decode_json(raw, "scored turn")
+    cand = data.get("candidate")
+    if not isinstance(cand, dict):
+        raise ContractError("scored turn: field 'candidate' must be an object")
+    candidate = CandidateTurn(**_check_fields(CandidateTurn, cand, "scored turn candidate"))
+    fields = _check_fields(ScoredTurn, data, "scored turn")
+    fields["candidate"] = candidate
+    emb = fields["embedding"]
+    if not isinstance(emb, list) or not all(isinstance(x, int | float) for x in emb):
+        raise ContractError("scored turn: embedding must be a list of numbers")
+    return ScoredTurn(**fields)
+
+
+def decode_accepted(raw: bytes | None) -> AcceptedConversation:
+    data = decode_json(raw, "accepted conversation")
+    turns = data.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise ContractError("accepted conversation: 'turns' must be a non-empty list")
+    parsed = [
+        AcceptedTurn(**_check_fields(AcceptedTurn, t, "accepted turn"))
+        if isinstance(t, dict)
+        else _bad_turn()
+        for t in turns
+    ]
+    fields = _check_fields(AcceptedConversation, data, "accepted conversation")
+    fields["turns"] = parsed
+    return AcceptedConversation(**fields)
+
+
+def _bad_turn() -> AcceptedTurn:
+    raise ContractError("accepted conversation: every turn must be an object")
+
+
+def dead_letter(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error: BaseException | str,
+    stage: str,
+) -> DeadLetter:
+    """A DeadLetter record describing where a bad event came from and why."""
+    return DeadLetter(
+        schema_version=SCHEMA_VERSION,
+        origin_topic=topic,
+        origin_partition=partition,
+        origin_offset=offset,
+        key=None if key is None else key.decode("utf-8", errors="replace"),
+        value=None if value is None else value.decode("utf-8", errors="replace"),
+        error=str(error),
+        error_type=type(error).__name__ if isinstance(error, BaseException) else "Error",
+        stage=stage,
+        at=time.time(),
+    )
