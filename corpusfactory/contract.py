@@ -62,10 +62,8 @@ class _Record(faust.Record, serializer="json", include_metadata=False, abstract=
     """Base of every contract record: JSON, no faust metadata on the wire."""
 
 
-
 class CandidateTurn(_Record):
     """A generated message offered for admission."""
-
 
     schema_version: int
     turn_id: str
@@ -83,7 +81,6 @@ class CandidateTurn(_Record):
 class ScoredTurn(_Record):
     """A candidate with its embedding and quality score (internal topic)."""
 
-
     schema_version: int
     candidate: CandidateTurn
     precheck: str  # "" when the text may be admitted, else a rejection reason
@@ -92,6 +89,7 @@ class ScoredTurn(_Record):
     tokens: int
     embedder: str
     scorer: str
+    nll_threshold: float
     origin_partition: int = -1
     origin_offset: int = -1
     scored_at: float = 0.0
@@ -99,7 +97,6 @@ class ScoredTurn(_Record):
 
 class Decision(_Record):
     """The admission decision for one candidate turn."""
-
 
     schema_version: int
     turn_id: str
@@ -135,7 +132,6 @@ class AcceptedTurn(_Record):
 class AcceptedConversation(_Record):
     """A finished conversation: every message accepted, in order."""
 
-
     schema_version: int
     conversation_id: str
     source: str
@@ -149,7 +145,6 @@ class AcceptedConversation(_Record):
 
 class DeadLetter(_Record):
     """An event that could not be decoded, validated or processed."""
-
 
     schema_version: int
     origin_topic: str
@@ -244,7 +239,9 @@ def decode_json(raw: bytes | None, what: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ContractError(f"{what}: value is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ContractError(
+            f"{what}: value is not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

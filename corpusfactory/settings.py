@@ -80,14 +80,20 @@ class ModelSettings(_Section):
     scorer: str = "demo:scorer"
     device: str = "cpu"
     models_dir: str | None = Field(
-        None, description="Where demo models are built and cached (default ~/.cache/corpusfactory/models)."
+        None,
+        description="Demo model cache (default ~/.cache/corpusfactory/models).",
     )
 
 
 class AdmissionSettings(_Section):
     """The admission rules (method.md §2, §3)."""
 
-    similarity_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    similarity_threshold: float = Field(
+        0.9,
+        gt=0.0,
+        lt=1.0,
+        description="Reject when cosine > this (< 1, so identical texts always are).",
+    )
     nll_threshold: float = Field(2.0, gt=0.0)
     nll_threshold_percentile: float | None = Field(
         None,
@@ -101,6 +107,9 @@ class AdmissionSettings(_Section):
     )
     nll_granularity: Literal["message", "sentence"] = "message"
     language: str | None = Field(None, description="ISO 639-1 code; set to reject other languages.")
+    language_min_chars: int = Field(
+        20, ge=1, description="Shorter texts are not language-checked (detection is unreliable)."
+    )
     score_batch_size: int = Field(16, ge=1)
     admit_batch_size: int = Field(32, ge=1)
     batch_window_s: float = Field(0.2, gt=0.0)
@@ -126,11 +135,15 @@ class ProducerSettings(_Section):
     fewshot_k: int = Field(1, ge=0, description="Seed conversations shown in each prompt.")
     min_messages: int = Field(4, ge=2)
     max_messages: int = Field(10, ge=2)
-    retry_cap: int = Field(3, ge=1, description="Regenerations of a rejected turn before truncation.")
+    retry_cap: int = Field(
+        3, ge=1, description="Regenerations of a rejected turn before truncation."
+    )
     publish_truncated: bool = True
     min_truncated_messages: int = Field(2, ge=1)
     in_flight: int = Field(8, ge=1, description="Conversations generated concurrently.")
-    conversations: int = Field(0, ge=0, description="Stop after this many finish (0 = run forever).")
+    conversations: int = Field(
+        0, ge=0, description="Stop after this many finish (0 = run forever)."
+    )
     user_tag: str = "[|Umano|]"
     assistant_tag: str = "[|Assistente|]"
     decision_timeout_s: float = Field(120.0, gt=0.0)
@@ -149,6 +162,14 @@ class ProducerSettings(_Section):
         if self.user_tag == self.assistant_tag:
             raise ValueError("user_tag and assistant_tag must differ")
         return self
+
+
+class IndexSettings(_Section):
+    """How the vector index is prepared."""
+
+    seed_on_start: bool = Field(
+        True, description="The admitter loads the seed messages into the index when it starts."
+    )
 
 
 class WorkerSettings(_Section):
@@ -171,6 +192,7 @@ class Settings(_Section):
     admission: AdmissionSettings = AdmissionSettings()
     producer: ProducerSettings = ProducerSettings()
     worker: WorkerSettings = WorkerSettings()
+    index: IndexSettings = IndexSettings()
 
     @property
     def state_path(self) -> Path:

@@ -1,0 +1,211 @@
+"""The vector index behind the diversity filter: Milvus (Lite by default).
+
+One collection holds a vector per seed message and per accepted turn. Primary
+keys are a 63-bit xxhash of the reference (the turn id, or ``seed:<id>``), so
+writing the same turn twice (a replay, a crash between insert and commit) is an
+upsert onto the same key and never a second vector (invariant I4).
+
+Milvus Lite (``<state_dir>/index.db``) allows one process per file: only the
+admitter opens it. ``MILVUS_URI`` points at a Milvus server or cluster instead.
+Searches use Strong consistency so a vector written moments earlier is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from corpusfactory.errors import VectorIndexError
+from corpusfactory.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REF_MAX = 512
+KIND_SEED = "seed"
+KIND_TURN = "turn"
+KIND_RESERVED = "reserved"
+
+
+def pk_for(ref: str) -> int:
+    """A stable, non-negative int64 primary key for a reference string."""
+    return xxhash.xxh64_intdigest(ref.encode("utf-8")) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    ref: str
+    similarity: float
+
+
+def index_uri(settings: Settings) -> str:
+    return settings.milvus.uri or str(settings.state_path / "index.db")
+
+
+class VectorIndex:
+    """A narrow interface over one Milvus collection."""
+
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        dim: int,
+        *,
+        token: str | None = None,
+        index_type: str = "FLAT",
+    ) -> None:
+        from pymilvus import MilvusClient
+
+        self.uri = uri
+        self.collection = collection
+        self.dim = dim
+        if "://" not in uri:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._client: Any = MilvusClient(uri=uri, token=token or "")
+            if not self._client.has_collection(collection):
+                self._create(index_type)
+            else:
+                self._check_dim()
+            self._client.load_collection(collection)
+        except VectorIndexError:
+            raise
+        except Exception as exc:
+            raise VectorIndexError(f"cannot open Milvus at {uri!r}: {exc}") from exc
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dim: int) -> VectorIndex:
+        m = settings.milvus
+        return cls(index_uri(settings), m.collection, dim, token=m.token, index_type=m.index_type)
+
+    def _create(self, index_type: str) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("ref", DataType.VARCHAR, max_length=REF_MAX)
+        schema.add_field("kind", DataType.VARCHAR, max_length=16)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
+        params = self._client.prepare_index_params()
+        params.add_index(field_name="vec", index_type=index_type, metric_type="COSINE")
+        self._client.create_collection(
+            self.collection, schema=schema, index_params=params, consistency_level="Strong"
+        )
+
+    def _check_dim(self) -> None:
+        desc = self._client.describe_collection(self.collection)
+        for f in desc.get("fields", []):
+            if f.get("name") == "vec":
+                have = int(f.get("params", {}).get("dim", 0))
+                if have != self.dim:
+                    raise VectorIndexError(
+                        f"collection {self.collection!r} at {self.uri!r} has dimension {have}, "
+                        f"but the embedder gives {self.dim}: use another collection name "
+                        "(milvus.collection) or a fresh state directory"
+                    )
+
+    def search(
+        self, vectors: np.ndarray, kinds: Sequence[str] | None = None
+    ) -> list[Neighbour | None]:
+        """Top-1 neighbour by cosine for each row; None when the index is empty."""
+        if len(vectors) == 0:
+            return []
+        flt = None
+        if kinds:
+            flt = "kind in [" + ", ".join(f'"{k}"' for k in kinds) + "]"
+        try:
+            res = self._client.search(
+                self.collection,
+                data=[v.tolist() for v in vectors],
+                limit=1,
+                filter=flt or "",
+                output_fields=["ref"],  # never ask for vectors: that costs ~100 ms a search
+                search_params={"metric_type": "COSINE"},
+                consistency_level="Strong",
+            )
+        except Exception as exc:
+            raise VectorIndexError(f"search failed on {self.uri!r}: {exc}") from exc
+        out: list[Neighbour | None] = []
+        for hits in res:
+            if not hits:
+                out.append(None)
+                continue
+            h = hits[0]
+            out.append(Neighbour(ref=h["entity"]["ref"], similarity=float(h["distance"])))
+        return out
+
+    def existing(self, refs: Sequence[str]) -> set[str]:
+        """Which of these references already have a vector (replay detection)."""
+        if not refs:
+            return set()
+        try:
+            rows = self._client.query(
+                self.collection,
+                ids=[pk_for(r) for r in refs],
+                output_fields=["ref"],
+                consistency_level="Strong",
+            )
+        except Exception as exc:
+            raise VectorIndexError(f"query failed on {self.uri!r}: {exc}") from exc
+        return {row["ref"] for row in rows}
+
+    def upsert(self, refs: Sequence[str], vectors: np.ndarray, kind: str) -> None:
+        """Write vectors under idempotent keys (same ref -> same row)."""
+        if not refs:
+            return
+        for r in refs:
+            if len(r.encode("utf-8")) > REF_MAX:
+                raise VectorIndexError(f"reference too long for the index: {r[:60]!r}...")
+        rows = [
+            {"pk": pk_for(r), "ref": r, "kind": kind, "vec": v.tolist()}
+            for r, v in zip(refs, vectors, strict=True)
+        ]
+        try:
+            self._client.upsert(self.collection, rows)
+        except Exception as exc:
+            raise VectorIndexError(f"upsert failed on {self.uri!r}: {exc}") from exc
+
+    def count(self, kind: str | None = None) -> int:
+        flt = f'kind == "{kind}"' if kind else "pk >= 0"
+        try:
+            rows = self._client.query(
+                self.collection, filter=flt, output_fields=["count(*)"], consistency_level="Strong"
+            )
+        except Exception as exc:
+            raise VectorIndexError(f"count failed on {self.uri!r}: {exc}") from exc
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def refs(self, kind: str | None = None) -> list[str]:
+        """Every stored reference (for invariant checks), read with an iterator."""
+        flt = f'kind == "{kind}"' if kind else "pk >= 0"
+        out: list[str] = []
+        it = self._client.query_iterator(
+            self.collection, batch_size=1000, filter=flt, output_fields=["ref"]
+        )
+        try:
+            while rows := it.next():
+                out.extend(r["ref"] for r in rows)
+        finally:
+            it.close()
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "collection": self.collection,
+            "dim": self.dim,
+            "vectors": self.count(),
+            "seed_vectors": self.count(KIND_SEED),
+            "turn_vectors": self.count(KIND_TURN),
+        }
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception as exc:  # closing a dead connection is not worth failing a shutdown for
+            log.warning("closing Milvus client failed: %s", exc)

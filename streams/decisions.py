@@ -1,0 +1,140 @@
+"""The admission decision, as plain functions (no Kafka, no Milvus, no models).
+
+``precheck`` runs in the scorer on the raw text; ``decide_batch`` runs in the
+single admission writer on a batch of scored turns, in order, given each turn's
+nearest stored neighbour. Rejection order follows the paper's loop: structural
+checks (empty, too long, wrong language), then the diversity filter (cosine >
+threshold), then the quality filter (NLL >= threshold).
+
+A batch is decided as if its turns arrived one by one: a turn is also compared
+with the turns accepted earlier in the same batch, which are not in the index
+yet. That keeps invariant I3 without a search-insert round trip per turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+EMPTY = "empty"
+TOO_LONG = "too_long"
+WRONG_LANGUAGE = "wrong_language"
+DUPLICATE = "duplicate"
+LOW_QUALITY = "low_quality"
+ACCEPTED = "accepted"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    similarity: float
+    nll: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the writer knows of a scored turn."""
+
+    ref: str  # the turn id
+    vector: np.ndarray  # unit length
+    nll: float
+    precheck: str  # "" or a structural rejection reason
+
+
+@dataclass(frozen=True)
+class Nearest:
+    ref: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ref: str
+    accepted: bool
+    reason: str
+    neighbour: str
+    similarity: float
+    replayed: bool = False
+
+
+def precheck(
+    text: str, *, max_chars: int, too_long_tokens: bool = False, language_ok: bool = True
+) -> str:
+    """A structural rejection reason for a text, or "" when it may be scored and admitted."""
+    if not text.strip():
+        return EMPTY
+    if len(text) > max_chars or too_long_tokens:
+        return TOO_LONG
+    if not language_ok:
+        return WRONG_LANGUAGE
+    return ""
+
+
+def decide(cand: Candidate, nearest: Nearest | None, thresholds: Thresholds) -> tuple[bool, str]:
+    """(accepted, reason) for one turn given its nearest stored neighbour."""
+    if cand.precheck:
+        return False, cand.precheck
+    if nearest is not None and nearest.similarity > thresholds.similarity:
+        return False, DUPLICATE
+    if not math.isfinite(cand.nll) or cand.nll >= thresholds.nll:
+        return False, LOW_QUALITY
+    return True, ACCEPTED
+
+
+def decide_batch(
+    cands: Sequence[Candidate],
+    nearest: Sequence[Nearest | None],
+    already_accepted: set[str],
+    thresholds: Thresholds,
+) -> list[Verdict]:
+    """Decide a batch in order, as one writer would, one turn after another.
+
+    ``nearest[i]`` is cands[i]'s nearest neighbour in the index, excluding the
+    turn itself. A turn already in the index (``already_accepted``) was accepted
+    before (a replay or a redelivery after a crash): it is accepted again with
+    ``replayed=True`` and nothing is written.
+    """
+    if len(cands) != len(nearest):
+        raise ValueError("one nearest neighbour (or None) is needed per candidate")
+    verdicts: list[Verdict] = []
+    first: dict[str, Verdict] = {}
+    batch_refs: list[str] = []
+    batch_vecs: list[np.ndarray] = []
+    for cand, near in zip(cands, nearest, strict=True):
+        if cand.ref in already_accepted:
+            # Accepted in an earlier batch (a replay, or a redelivery after a crash):
+            # repeat the acceptance, never write twice.
+            verdicts.append(
+                Verdict(
+                    cand.ref,
+                    True,
+                    ACCEPTED,
+                    near.ref if near else "",
+                    near.similarity if near else 0.0,
+                    replayed=True,
+                )
+            )
+            continue
+        if cand.ref in first:
+            # The same turn twice in one batch: the same verdict again.
+            prev = first[cand.ref]
+            verdicts.append(replace(prev, replayed=prev.accepted))
+            continue
+        best = near
+        if batch_vecs:
+            sims = np.stack(batch_vecs) @ cand.vector
+            j = int(np.argmax(sims))
+            if best is None or float(sims[j]) > best.similarity:
+                best = Nearest(batch_refs[j], float(sims[j]))
+        accepted, reason = decide(cand, best, thresholds)
+        verdict = Verdict(
+            cand.ref, accepted, reason, best.ref if best else "", best.similarity if best else 0.0
+        )
+        verdicts.append(verdict)
+        first[cand.ref] = verdict
+        if accepted:
+            batch_refs.append(cand.ref)
+            batch_vecs.append(cand.vector)
+    return verdicts
