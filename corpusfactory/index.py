@@ -110,20 +110,20 @@ class VectorIndex:
                     )
 
     def search(
-        self, vectors: np.ndarray, kinds: Sequence[str] | None = None
+        self, vectors: np.ndarray, exclude: Sequence[str] | None = None
     ) -> list[Neighbour | None]:
-        """Top-1 neighbour by cosine for each row; None when the index is empty."""
+        """Nearest stored neighbour by cosine for each row, skipping ``exclude[i]`` itself.
+
+        None when the index holds nothing else. Two hits are fetched so that a turn
+        already stored (a replay) reports its nearest *other* neighbour.
+        """
         if len(vectors) == 0:
             return []
-        flt = None
-        if kinds:
-            flt = "kind in [" + ", ".join(f'"{k}"' for k in kinds) + "]"
         try:
             res = self._client.search(
                 self.collection,
                 data=[v.tolist() for v in vectors],
-                limit=1,
-                filter=flt or "",
+                limit=2,
                 output_fields=["ref"],  # never ask for vectors: that costs ~100 ms a search
                 search_params={"metric_type": "COSINE"},
                 consistency_level="Strong",
@@ -131,12 +131,12 @@ class VectorIndex:
         except Exception as exc:
             raise VectorIndexError(f"search failed on {self.uri!r}: {exc}") from exc
         out: list[Neighbour | None] = []
-        for hits in res:
-            if not hits:
-                out.append(None)
-                continue
-            h = hits[0]
-            out.append(Neighbour(ref=h["entity"]["ref"], similarity=float(h["distance"])))
+        for i, hits in enumerate(res):
+            skip = exclude[i] if exclude else None
+            best = next((h for h in hits if h["entity"]["ref"] != skip), None)
+            out.append(
+                None if best is None else Neighbour(best["entity"]["ref"], float(best["distance"]))
+            )
         return out
 
     def existing(self, refs: Sequence[str]) -> set[str]:

@@ -28,12 +28,6 @@ ACCEPTED = "accepted"
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    similarity: float
-    nll: float
-
-
-@dataclass(frozen=True)
 class Candidate:
     """What the writer knows of a scored turn."""
 
@@ -41,6 +35,7 @@ class Candidate:
     vector: np.ndarray  # unit length
     nll: float
     precheck: str  # "" or a structural rejection reason
+    nll_threshold: float  # reject when nll >= this (fixed, or a percentile computed by the scorer)
 
 
 @dataclass(frozen=True)
@@ -72,13 +67,15 @@ def precheck(
     return ""
 
 
-def decide(cand: Candidate, nearest: Nearest | None, thresholds: Thresholds) -> tuple[bool, str]:
+def decide(
+    cand: Candidate, nearest: Nearest | None, similarity_threshold: float
+) -> tuple[bool, str]:
     """(accepted, reason) for one turn given its nearest stored neighbour."""
     if cand.precheck:
         return False, cand.precheck
-    if nearest is not None and nearest.similarity > thresholds.similarity:
+    if nearest is not None and nearest.similarity > similarity_threshold:
         return False, DUPLICATE
-    if not math.isfinite(cand.nll) or cand.nll >= thresholds.nll:
+    if not math.isfinite(cand.nll) or cand.nll >= cand.nll_threshold:
         return False, LOW_QUALITY
     return True, ACCEPTED
 
@@ -87,7 +84,7 @@ def decide_batch(
     cands: Sequence[Candidate],
     nearest: Sequence[Nearest | None],
     already_accepted: set[str],
-    thresholds: Thresholds,
+    similarity_threshold: float,
 ) -> list[Verdict]:
     """Decide a batch in order, as one writer would, one turn after another.
 
@@ -128,7 +125,7 @@ def decide_batch(
             j = int(np.argmax(sims))
             if best is None or float(sims[j]) > best.similarity:
                 best = Nearest(batch_refs[j], float(sims[j]))
-        accepted, reason = decide(cand, best, thresholds)
+        accepted, reason = decide(cand, best, similarity_threshold)
         verdict = Verdict(
             cand.ref, accepted, reason, best.ref if best else "", best.similarity if best else 0.0
         )

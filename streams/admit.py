@@ -1,0 +1,160 @@
+"""The ``admit_turns`` agent: the single writer of the vector index.
+
+It reads ``turns.scored`` (one partition, so one admitter decides at a time),
+looks up each turn's nearest stored neighbour in Milvus, decides the batch in
+order with ``streams.decisions.decide_batch``, upserts the accepted vectors
+under keys derived from the turn ids, and only then sends the decisions. A
+replayed or redelivered turn finds its own key and is answered again without a
+second vector (I2, I4).
+
+If the index is unreachable the batch is retried with back-off and not acked:
+no turn is ever decided without its similarity check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from corpusfactory import contract
+from corpusfactory.contract import ContractError, Decision, ScoredTurn, encode
+from corpusfactory.errors import VectorIndexError
+from corpusfactory.index import KIND_SEED, KIND_TURN, VectorIndex
+from corpusfactory.settings import Settings
+from streams.decisions import Candidate, Nearest, decide_batch
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_S = 30.0
+
+
+def seed_index(settings: Settings, index: VectorIndex | None = None) -> VectorIndex:
+    """Embed the seed messages and upsert them (idempotent); returns the open index."""
+    from corpusfactory.embedder import Embedder
+    from corpusfactory.seeds import load_seeds, seed_messages
+
+    embedder = Embedder(settings.models.embedder, device=settings.models.device)
+    if index is None:
+        index = VectorIndex.from_settings(settings, embedder.dim)
+    msgs = seed_messages(load_seeds(settings.producer.seed_file, settings.producer.seed_format))
+    refs = [f"seed:{mid}" for mid, _ in msgs]
+    present = index.existing(refs)
+    missing = [i for i, r in enumerate(refs) if r not in present]
+    if missing:
+        vecs = embedder.encode([msgs[i][1] for i in missing])
+        index.upsert([refs[i] for i in missing], vecs, KIND_SEED)
+    log.info("index holds %d seed vectors (%d added)", index.count(KIND_SEED), len(missing))
+    return index
+
+
+@dataclass
+class Admitter:
+    settings: Settings
+    index: VectorIndex | None = None
+
+    def ensure_index(self, dim: int) -> VectorIndex:
+        if self.index is None:
+            self.index = VectorIndex.from_settings(self.settings, dim)
+        return self.index
+
+    def admit(self, scored: list[ScoredTurn]) -> list[Decision]:
+        """Blocking: search, decide in order, upsert accepted vectors, build decisions."""
+        dims = {len(s.embedding) for s in scored if s.embedding}
+        if len(dims) > 1:
+            raise VectorIndexError(f"embeddings of different sizes in one batch: {sorted(dims)}")
+        cands = [
+            Candidate(
+                ref=s.candidate.turn_id,
+                vector=np.asarray(s.embedding, dtype=np.float32),
+                nll=s.nll,
+                precheck=s.precheck,
+                nll_threshold=s.nll_threshold,
+            )
+            for s in scored
+        ]
+        live = [i for i, c in enumerate(cands) if not c.precheck]
+        nearest: list[Nearest | None] = [None] * len(cands)
+        already: set[str] = set()
+        if live:
+            index = self.ensure_index(dims.pop())
+            refs = [cands[i].ref for i in live]
+            found = index.search(np.stack([cands[i].vector for i in live]), exclude=refs)
+            for i, n in zip(live, found, strict=True):
+                nearest[i] = Nearest(n.ref, n.similarity) if n else None
+            already = index.existing(refs)
+        sim_threshold = self.settings.admission.similarity_threshold
+        verdicts = decide_batch(cands, nearest, already, sim_threshold)
+        new = [
+            (c.ref, c.vector)
+            for c, v in zip(cands, verdicts, strict=True)
+            if v.accepted and not v.replayed
+        ]
+        if new:
+            assert self.index is not None
+            self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)
+        now = time.time()
+        return [
+            Decision(
+                schema_version=contract.SCHEMA_VERSION,
+                turn_id=s.candidate.turn_id,
+                conversation_id=s.candidate.conversation_id,
+                index=s.candidate.index,
+                accepted=v.accepted,
+                reason=v.reason,
+                neighbour_id=v.neighbour,
+                similarity=v.similarity,
+                nll=s.nll,
+                tokens=s.tokens,
+                embedder=s.embedder,
+                scorer=s.scorer,
+                similarity_threshold=sim_threshold,
+                nll_threshold=s.nll_threshold,
+                replayed=v.replayed,
+                decided_at=now,
+            )
+            for s, v in zip(scored, verdicts, strict=True)
+        ]
+
+
+def register(ctx: Any) -> None:
+    settings: Settings = ctx.settings
+    adm = settings.admission
+    admitter = Admitter(settings)
+
+    @ctx.app.agent(ctx.scored, name="admit_turns", concurrency=1)
+    async def admit_turns(stream: Any) -> None:
+        if settings.index.seed_on_start:
+            admitter.index = await _retry(ctx, seed_index, settings)
+        async for events in stream.take_events(adm.admit_batch_size, within=adm.batch_window_s):
+            await _admit_events(ctx, admitter, events)
+
+
+async def _retry(ctx: Any, fn: Any, *args: Any) -> Any:
+    """Run fn in the inference thread until it stops raising VectorIndexError."""
+    delay = 0.5
+    while True:
+        try:
+            return await ctx.run_blocking(fn, *args)
+        except VectorIndexError as exc:
+            log.error("vector index unavailable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+
+async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None:
+    scored: list[tuple[Any, ScoredTurn]] = []
+    for event in events:
+        try:
+            scored.append((event, contract.decode_scored(event.message.value)))
+        except ContractError as exc:
+            await ctx.dead_letter(event, exc, "admit")
+    if not scored:
+        return
+    decisions = await _retry(ctx, admitter.admit, [s for _, s in scored])
+    for (event, _), d in zip(scored, decisions, strict=True):
+        await ctx.decisions.send(key=event.message.key, value=encode(d))

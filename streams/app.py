@@ -1,0 +1,124 @@
+"""Faust application assembly for the stream workers.
+
+Two roles, each its own Faust app and consumer group:
+
+* ``scorer`` (``streams.score``): reads ``turns.candidates`` (N partitions),
+  dead-letters bad events, embeds and NLL-scores the rest, writes
+  ``turns.scored``. Run as many scorer workers as there are partitions to scale.
+* ``admitter`` (``streams.admit``): reads ``turns.scored``, which has exactly
+  one partition, so one admitter at a time makes every search-and-insert
+  decision (invariant I3, reliability.md). It owns the vector index, which
+  Milvus Lite requires anyway (one process per database file). Extra admitters
+  are hot standbys: Kafka gives the partition to one of them.
+
+Run a worker with ``corpusfactory worker --role scorer|admitter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+
+from corpusfactory import contract
+from corpusfactory.contract import DeadLetter, encode
+from corpusfactory.kafka_clients import ensure_topics, faust_broker_kwargs, resolve_bootstrap
+from corpusfactory.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("scorer", "admitter")
+
+
+class StreamContext:
+    """What an agent needs: settings, topics, and one inference thread."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        # One thread: inference is serial per worker, and never on the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+        def topic(name: str, partitions: int | None = None) -> Any:
+            return app.topic(
+                settings.topic(name),
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=partitions,
+                internal=False,
+            )
+
+        self.candidates = topic(contract.CANDIDATES)
+        self.scored = topic(contract.SCORED, 1)
+        self.decisions = topic(contract.DECISIONS)
+        self.deadletter = topic(contract.DEADLETTER)
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def dead_letter(self, event: Any, error: BaseException | str, stage: str) -> None:
+        msg = event.message
+        record: DeadLetter = contract.dead_letter(
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            error=error,
+            stage=stage,
+        )
+        log.warning(
+            "dead-lettered %s[%d]@%d (%s): %s",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            stage,
+            record.error,
+        )
+        await self.deadletter.send(key=msg.key, value=encode(record))
+
+
+def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
+    """A Faust app for one role, with its agent registered."""
+    if role not in ROLES:
+        raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
+    app_id = f"{settings.kafka.topic_prefix}{settings.worker.app_id}-{role}"
+    app = faust.App(
+        app_id,
+        **faust_broker_kwargs(settings.kafka, bootstrap),
+        store="memory://",
+        web_enabled=False,
+        topic_allow_declare=False,  # topics are created by ensure_topics with our partitioning
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=50,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        stream_buffer_maxsize=1024,  # back-pressure: bounded in-memory buffer per partition
+        autodiscover=False,
+        datadir=str(settings.state_path / "faust" / role),
+    )
+    ctx = StreamContext(app, settings)
+    if role == "scorer":
+        from streams.score import register
+
+        register(ctx)
+    else:
+        from streams.admit import register
+
+        register(ctx)
+    return app
+
+
+def run_worker(settings: Settings, role: str, loglevel: str = "INFO") -> None:
+    """Prepare topics, build the app and run it until SIGTERM/SIGINT."""
+    bootstrap = resolve_bootstrap(settings)
+    ensure_topics(settings, bootstrap)
+    app = create_app(settings, role, bootstrap)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

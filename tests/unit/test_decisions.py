@@ -1,0 +1,103 @@
+"""The admission decision as plain functions: no Kafka, no Milvus, no models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streams.decisions import (
+    ACCEPTED,
+    DUPLICATE,
+    EMPTY,
+    LOW_QUALITY,
+    TOO_LONG,
+    WRONG_LANGUAGE,
+    Candidate,
+    Nearest,
+    decide,
+    decide_batch,
+    precheck,
+)
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.asarray(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def cand(ref: str, vec: np.ndarray, nll: float = 1.0, pre: str = "", th: float = 2.0) -> Candidate:
+    return Candidate(ref=ref, vector=vec, nll=nll, precheck=pre, nll_threshold=th)
+
+
+def test_precheck_reasons_in_order() -> None:
+    assert precheck("   \n", max_chars=10) == EMPTY
+    assert precheck("x" * 11, max_chars=10) == TOO_LONG
+    assert precheck("ciao", max_chars=10, too_long_tokens=True) == TOO_LONG
+    assert precheck("ciao", max_chars=10, language_ok=False) == WRONG_LANGUAGE
+    assert precheck("ciao", max_chars=10) == ""
+
+
+def test_decide_duplicate_before_quality_and_strict_threshold() -> None:
+    c = cand("a", unit(1, 0), nll=5.0)
+    assert decide(c, Nearest("s", 0.95), 0.9) == (False, DUPLICATE)
+    assert decide(c, Nearest("s", 0.5), 0.9) == (False, LOW_QUALITY)
+    good = cand("b", unit(1, 0), nll=1.99)
+    # cosine must be strictly above the threshold to reject
+    assert decide(good, Nearest("s", 0.9), 0.9) == (True, ACCEPTED)
+    assert decide(good, None, 0.9) == (True, ACCEPTED)
+    assert decide(cand("c", unit(1, 0), nll=2.0), None, 0.9) == (False, LOW_QUALITY)
+    assert decide(cand("d", unit(1, 0), nll=math.nan), None, 0.9) == (False, LOW_QUALITY)
+    assert decide(cand("e", unit(1, 0), pre=EMPTY), None, 0.9) == (False, EMPTY)
+
+
+def test_batch_compares_with_turns_accepted_earlier_in_the_batch() -> None:
+    a = cand("a", unit(1, 0, 0))
+    a2 = cand("a2", unit(1, 0.05, 0))  # near-duplicate of a, not yet in the index
+    b = cand("b", unit(0, 1, 0))
+    verdicts = decide_batch([a, a2, b], [None, None, None], set(), 0.9)
+    assert [v.accepted for v in verdicts] == [True, False, True]
+    assert verdicts[1].reason == DUPLICATE
+    assert verdicts[1].neighbour == "a"
+    assert verdicts[1].similarity == pytest.approx(float(a.vector @ a2.vector), abs=1e-6)
+
+
+def test_rejected_turn_is_not_a_neighbour_for_later_turns() -> None:
+    low = cand("low", unit(1, 0), nll=9.0)
+    twin = cand("twin", unit(1, 0.01), nll=1.0)
+    verdicts = decide_batch([low, twin], [None, None], set(), 0.9)
+    assert [v.reason for v in verdicts] == [LOW_QUALITY, ACCEPTED]
+
+
+def test_index_neighbour_beats_weaker_batch_neighbour() -> None:
+    a = cand("a", unit(1, 0, 0))
+    b = cand("b", unit(0.6, 0.8, 0))
+    verdicts = decide_batch([a, b], [None, Nearest("seed:x", 0.97)], set(), 0.9)
+    assert verdicts[1].reason == DUPLICATE
+    assert verdicts[1].neighbour == "seed:x"
+
+
+def test_replay_of_accepted_turn_is_accepted_again_without_write() -> None:
+    a = cand("a", unit(1, 0))
+    verdicts = decide_batch([a], [Nearest("seed:y", 0.3)], {"a"}, 0.9)
+    assert verdicts[0].accepted and verdicts[0].replayed
+    assert verdicts[0].neighbour == "seed:y"
+
+
+def test_same_turn_twice_in_a_batch_gets_the_same_verdict() -> None:
+    a = cand("a", unit(1, 0))
+    bad = cand("bad", unit(0, 1), nll=7.0)
+    verdicts = decide_batch([a, bad, a, bad], [None] * 4, set(), 0.9)
+    assert [(v.accepted, v.replayed) for v in verdicts] == [
+        (True, False),
+        (False, False),
+        (True, True),
+        (False, False),
+    ]
+    assert verdicts[2].neighbour == verdicts[0].neighbour
+
+
+def test_length_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        decide_batch([cand("a", unit(1, 0))], [], set(), 0.9)
