@@ -1,0 +1,3 @@
+from corpusfactory.cli import main
+
+raise SystemExit(main())

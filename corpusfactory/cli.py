@@ -1,0 +1,301 @@
+"""The ``corpusfactory`` command line.
+
+Every subcommand takes ``--config FILE`` (a YAML profile, see ``configs/``) and
+``--state-dir DIR``; environment variables override the file (see
+``corpusfactory.settings``). Heavy modules are imported inside each command so
+``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from corpusfactory.errors import CorpusFactoryError
+from corpusfactory.settings import Settings, load_settings
+
+log = logging.getLogger("corpusfactory")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = args.state_dir
+    return load_settings(args.config, overrides=overrides)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# -- broker ----------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from corpusfactory.broker import EmbeddedBroker
+
+    s = _settings(args)
+    if s.kafka.bootstrap_servers:
+        print(f"KAFKA_BOOTSTRAP_SERVERS is set ({s.kafka.bootstrap_servers}): nothing to manage")
+        return 0
+    broker = EmbeddedBroker(s.state_path, s.kafka.embedded_port, s.kafka.embedded_controller_port)
+    if args.action == "start":
+        print(broker.start())
+    elif args.action == "stop":
+        broker.stop()
+        print("stopped")
+    else:
+        st = broker.status()
+        _print_json(st)
+        return 0 if st.get("running") else 3
+    return 0
+
+
+# -- workers and producers ---------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+
+    run_worker(_settings(args), args.role, loglevel=args.log_level)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.models.demo import resolve_model
+    from producers.generators.base import make_generator
+    from producers.service import SelfChatProducer
+
+    overrides: dict[str, Any] = {}
+    if args.conversations is not None:
+        overrides["producer"] = {"conversations": args.conversations}
+    s = load_settings(args.config, overrides={**overrides, **_state_override(args)})
+    bootstrap = resolve_bootstrap(s)
+    ensure_topics(s, bootstrap)
+    model = resolve_model(s.models.generator, s.models.models_dir)
+    generator = make_generator(s.producer, model, s.models.device)
+    try:
+        stats = asyncio.run(SelfChatProducer(s, bootstrap, generator).run())
+    finally:
+        generator.close()
+    _print_json(stats.as_dict())
+    return 0
+
+
+def _state_override(args: argparse.Namespace) -> dict[str, Any]:
+    return {"state_dir": args.state_dir} if getattr(args, "state_dir", None) else {}
+
+
+# -- scoring -----------------------------------------------------------------------
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.scoring.nll import MLMScorer
+
+    if args.text is not None:
+        lines = [args.text]
+    else:
+        with open(args.file, encoding="utf-8") as fh:
+            lines = [line.rstrip("\n") for line in fh]
+    s = _settings(args)
+    scorer = MLMScorer(
+        resolve_model(args.model or s.models.scorer, s.models.models_dir),
+        device=s.models.device,
+        max_tokens=s.admission.max_tokens,
+        masked_batch_size=s.admission.masked_batch_size,
+        granularity=s.admission.nll_granularity,
+    )
+    results = scorer.score(lines)
+    out = [
+        {"text": t, "nll": None if r.too_long or r.tokens == 0 else r.nll, "tokens": r.tokens}
+        | ({"too_long": True} if r.too_long else {})
+        for t, r in zip(lines, results, strict=True)
+    ]
+    if args.json:
+        _print_json(out)
+    else:
+        for row in out:
+            nll = "-" if row["nll"] is None else f"{row['nll']:.4f}"
+            print(f"{nll}\t{row['tokens']}\t{row['text']}")
+    return 0
+
+
+# -- corpus and index --------------------------------------------------------------
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from consumers.store import CorpusStore
+    from consumers.writer import CorpusWriter
+    from corpusfactory.kafka_clients import resolve_bootstrap
+
+    s = _settings(args)
+    if args.action == "sync" or (args.action in ("stats", "export") and args.sync):
+        CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)).run_once(args.timeout)
+    store = CorpusStore(s.state_path / "corpus")
+    if args.action == "stats":
+        _print_json(store.stats())
+    elif args.action == "export":
+        n = store.export(args.out, include_truncated=not args.no_truncated)
+        print(f"exported {n} conversations to {args.out}")
+    elif args.action == "write":
+        CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)).run()
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from corpusfactory.embedder import Embedder
+    from corpusfactory.index import VectorIndex
+
+    s = _settings(args)
+    if args.action == "seed":
+        from streams.admit import seed_index
+
+        if args.file:
+            s = load_settings(
+                args.config,
+                overrides={**_state_override(args), "producer": {"seed_file": args.file}},
+            )
+        index = seed_index(s)
+    else:
+        index = VectorIndex.from_settings(s, Embedder(s.models.embedder).dim)
+    try:
+        _print_json(index.stats())
+    finally:
+        index.close()
+    return 0
+
+
+# -- models, demo, bench -----------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from corpusfactory.models.demo import build_demo_models
+
+    s = _settings(args)
+    built = build_demo_models(s.models.models_dir, force=args.force)
+    _print_json({"generator": str(built.generator), "scorer": str(built.scorer)})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from corpusfactory.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from corpusfactory.bench import run_bench
+
+    return run_bench(args)
+
+
+# -- parser ------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML settings profile (also CORPUSFACTORY_CONFIG)")
+    p.add_argument("--state-dir", help="state directory (default .state, or the profile's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corpusfactory",
+        description="A streaming factory for language-specific chat corpora.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("CORPUSFACTORY_LOG", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> Any:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("broker", cmd_broker, "Start, stop or inspect the embedded Kafka broker (KRaft).")
+    p.add_argument("action", choices=["start", "stop", "status"], help="what to do")
+
+    p = add("worker", cmd_worker, "Run a Faust stream worker.")
+    p.add_argument(
+        "--role",
+        choices=["scorer", "admitter"],
+        required=True,
+        help="scorer: embed and NLL-score candidates (scale out); "
+        "admitter: the single writer of the vector index",
+    )
+
+    p = add("produce", cmd_produce, "Run a self-chat producer.")
+    p.add_argument(
+        "--conversations", type=int, help="stop after this many conversations (0 = forever)"
+    )
+
+    p = add("score", cmd_score, "Masked-LM NLL of texts (method.md §3).")
+    p.add_argument("--model", help="scorer model path or id (default: models.scorer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one text to score")
+    src.add_argument("--file", help="a file with one text per line")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = add("corpus", cmd_corpus, "The accepted corpus: write, sync, stats, export.")
+    p.add_argument(
+        "action",
+        choices=["stats", "export", "sync", "write"],
+        help="stats/export: read the stored shards; sync: drain the topics once; "
+        "write: run the corpus writer until stopped",
+    )
+    p.add_argument("--out", help="export: output JSONL file")
+    p.add_argument("--sync", action="store_true", help="drain the topics before stats/export")
+    p.add_argument("--no-truncated", action="store_true", help="export: leave truncated ones out")
+    p.add_argument("--timeout", type=float, default=10.0, help="sync: idle seconds before stop")
+
+    p = add("index", cmd_index, "The vector index: stats, or load seed messages.")
+    p.add_argument("action", choices=["stats", "seed"], help="what to do")
+    p.add_argument("file", nargs="?", help="seed: a seed file (JSONL or OASST); default built-in")
+
+    p = add("models", cmd_models, "Build the demo models (tiny Llama generator, tiny BERT).")
+    p.add_argument("action", choices=["build-demo"], help="what to do")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    p = add("demo", cmd_demo, "Run the whole factory on the embedded stack and summarise.")
+    p.add_argument("--conversations", type=int, default=24, help="conversations to generate")
+    p.add_argument("--keep-running", action="store_true", help="leave the broker running")
+
+    p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
+    p.add_argument("what", choices=["pipeline", "scorer"], help="which benchmark")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--conversations", type=int, default=12, help="pipeline: conversations")
+    p.add_argument("--messages", type=int, default=256, help="scorer: messages to score")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "corpus" and args.action == "export" and not args.out:
+        parser.error("corpus export needs --out FILE")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.fn(args))
+    except CorpusFactoryError as exc:
+        print(f"corpusfactory: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""The self-chat producer service: generate, send candidates, apply decisions.
+
+One generator writes both sides of many conversations at once (method.md §1).
+Each round, every conversation without a pending turn gets its next message
+from one batched ``generate`` call, run in a thread off the event loop. The
+candidates go to ``turns.candidates`` keyed by conversation id; decisions come
+back on ``turns.decisions``. An accepted turn is appended; a rejected one is
+generated again, up to ``producer.retry_cap`` times, after which the
+conversation is closed as truncated. A conversation that reaches its target
+length (uniform in ``min_messages..max_messages``) is published whole to
+``corpus.accepted``.
+
+Crash safety: the conversation state lives in SQLite (``producers.state``) and
+the pending turn is saved before its candidate is sent. Decision offsets are
+committed only after the state they changed is saved. On restart, pending
+candidates are sent again under the same turn ids (admission is idempotent on
+turn id), and finished conversations not yet published are published.
+
+Run with ``corpusfactory produce``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from corpusfactory import contract
+from corpusfactory.chatformat import ChatFormat
+from corpusfactory.contract import ContractError, encode
+from corpusfactory.kafka_clients import aiokafka_kwargs
+from corpusfactory.seeds import SeedConversation, load_seeds
+from corpusfactory.settings import Settings
+from producers.conversation import Conversation, Outcome, draw_target_length
+from producers.generators.base import Generator
+from producers.state import ConversationStore
+
+log = logging.getLogger(__name__)
+
+SOURCE = "selfchat"
+
+
+@dataclass
+class ProducerStats:
+    """What one run of the producer did; printed by the demo and the benchmark."""
+
+    started: int = 0
+    finished: int = 0
+    truncated: int = 0
+    published: int = 0
+    candidates_sent: int = 0
+    resent: int = 0
+    empty_generations: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+    generate_s: float = 0.0
+    generated: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["decisions"] = dict(self.decisions)
+        return d
+
+
+class SelfChatProducer:
+    def __init__(self, settings: Settings, bootstrap: str, generator: Generator) -> None:
+        self.settings = settings
+        self.p = settings.producer
+        self.bootstrap = bootstrap
+        self.generator = generator
+        self.fmt = ChatFormat(self.p.user_tag, self.p.assistant_tag)
+        self.rng = random.Random(self.p.rng_seed)
+        self.stats = ProducerStats()
+        state_dir = settings.state_path / "producer"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ConversationStore(state_dir / f"{self.p.producer_id}.sqlite")
+        self.seeds: list[SeedConversation] = load_seeds(self.p.seed_file, self.p.seed_format)
+        self.seed_by_id = {s.id: s for s in self.seeds}
+        self.active: dict[str, Conversation] = {}
+
+    # -- set-up ---------------------------------------------------------------
+
+    async def _start_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+        kw = aiokafka_kwargs(self.settings.kafka, self.bootstrap)
+        producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True, linger_ms=5)
+        group = f"{self.settings.kafka.topic_prefix}producer-{self.p.producer_id}"
+        consumer = AIOKafkaConsumer(
+            **kw,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            max_poll_records=500,
+        )
+        await producer.start()
+        await consumer.start()
+        topic = self.settings.topic(contract.DECISIONS)
+        parts = consumer.partitions_for_topic(topic) or await self._partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        # Manual assignment: this producer needs every decision partition, and it must
+        # hold them (positions fixed) before it sends its first candidate.
+        consumer.assign(tps)
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, committed[tp] if committed[tp] is not None else ends[tp])
+        return producer, consumer
+
+    @staticmethod
+    async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+        for _ in range(50):
+            await consumer.topics()  # refreshes the cluster metadata
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return set(parts)
+            await asyncio.sleep(0.2)
+        raise ContractError(f"topic {topic!r} does not exist: run a worker or `broker start`")
+
+    def _new_conversation(self) -> Conversation:
+        k = min(self.p.fewshot_k, len(self.seeds))
+        examples = self.rng.sample(self.seeds, k) if k else []
+        conv = Conversation(
+            conversation_id=f"{self.p.producer_id}-{uuid.UUID(int=self.rng.getrandbits(128)).hex}",
+            source=SOURCE,
+            target_length=draw_target_length(self.rng, self.p.min_messages, self.p.max_messages),
+            seed_ids=[s.id for s in examples],
+            created_at=time.time(),
+            retry_cap=self.p.retry_cap,
+        )
+        self.stats.started += 1
+        return conv
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> ProducerStats:
+        t0 = time.perf_counter()
+        stop = stop or asyncio.Event()
+        producer, consumer = await self._start_clients()
+        try:
+            for conv in self.store.load_unpublished():
+                await self._publish(producer, conv)
+            self.active = {c.conversation_id: c for c in self.store.load_active()}
+            resend = [c for c in self.active.values() if c.pending is not None]
+            for conv in resend:
+                await self._send(producer, conv.pending_candidate())
+                self.stats.resent += 1
+            if resend:
+                log.info(
+                    "resumed %d conversations, re-sent %d pending", len(self.active), len(resend)
+                )
+            while not stop.is_set():
+                self._fill_slots()
+                if not self.active:
+                    break
+                await self._generate_round(producer)
+                await self._poll_decisions(producer, consumer)
+                await self._resend_stale(producer)
+        finally:
+            await producer.stop()
+            await consumer.stop()
+            self.store.close()
+            self.stats.wall_s = time.perf_counter() - t0
+        return self.stats
+
+    def _fill_slots(self) -> None:
+        limit = self.p.conversations
+        done = self.store.counts().get("finished", 0) + self.store.counts().get("truncated", 0)
+        while len(self.active) < self.p.in_flight:
+            if limit and done + len(self.active) >= limit:
+                break
+            conv = self._new_conversation()
+            self.store.save(conv)
+            self.active[conv.conversation_id] = conv
+
+    async def _generate_round(self, producer: AIOKafkaProducer) -> None:
+        idle = [c for c in self.active.values() if c.pending is None]
+        if not idle:
+            return
+        prompts = [
+            self.fmt.prompt(
+                c.history(),
+                c.next_role(),
+                [list(self.seed_by_id[s].messages) for s in c.seed_ids if s in self.seed_by_id],
+            )
+            for c in idle
+        ]
+        t = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        raw = await loop.run_in_executor(
+            None, self.generator.generate, prompts, self.p.generation, self.fmt.stop_strings
+        )
+        self.stats.generate_s += time.perf_counter() - t
+        self.stats.generated += len(prompts)
+        now = time.time()
+        to_send = []
+        for conv, out in zip(idle, raw, strict=True):
+            text = self.fmt.clean_generation(out)
+            if not text:
+                # Nothing usable was generated: a rejection that never left the producer.
+                self.stats.empty_generations += 1
+                if conv.reject_unsent(now) is Outcome.TRUNCATED:
+                    await self._close(producer, conv)
+                continue
+            to_send.append(conv.new_pending(text, self.generator.id, now, self.p.producer_id))
+            self.store.save(conv)  # pending is durable before the candidate leaves
+        for cand in to_send:
+            await self._send(producer, cand)
+
+    async def _send(self, producer: AIOKafkaProducer, cand: contract.CandidateTurn) -> None:
+        await producer.send_and_wait(
+            self.settings.topic(contract.CANDIDATES),
+            key=cand.conversation_id.encode(),
+            value=encode(cand),
+        )
+        self.stats.candidates_sent += 1
+
+    async def _poll_decisions(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+        # Wait for decisions while every conversation is waiting on one.
+        waiting = all(c.pending is not None for c in self.active.values())
+        batches = await consumer.getmany(timeout_ms=1000 if waiting else 50)
+        for _tp, records in batches.items():
+            for rec in records:
+                await self._on_decision(producer, rec)
+        if batches:
+            await consumer.commit()
+
+    async def _on_decision(self, producer: AIOKafkaProducer, rec: Any) -> None:
+        try:
+            decision = contract.decode_decision(rec.value)
+        except ContractError as exc:
+            dl = contract.dead_letter(
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key,
+                value=rec.value,
+                error=exc,
+                stage="producer",
+            )
+            await producer.send_and_wait(
+                self.settings.topic(contract.DEADLETTER), key=rec.key, value=encode(dl)
+            )
+            return
+        conv = self.active.get(decision.conversation_id)
+        if conv is None:
+            return  # another producer's conversation, or one already closed
+        outcome = conv.apply(decision)
+        if outcome is Outcome.IGNORED:
+            return
+        self.stats.decisions[decision.reason] += 1
+        if conv.done:
+            await self._close(producer, conv)
+        else:
+            self.store.save(conv)
+
+    async def _close(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
+        self.store.save(conv)
+        self.active.pop(conv.conversation_id, None)
+        if conv.status == "finished":
+            self.stats.finished += 1
+        else:
+            self.stats.truncated += 1
+        await self._publish(producer, conv)
+
+    async def _publish(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
+        publish = conv.status == "finished" or (
+            self.p.publish_truncated and len(conv.messages) >= self.p.min_truncated_messages
+        )
+        if publish and conv.messages:
+            record = conv.to_accepted(self.p.producer_id, self.generator.id)
+            await producer.send_and_wait(
+                self.settings.topic(contract.ACCEPTED),
+                key=conv.conversation_id.encode(),
+                value=encode(record),
+            )
+            self.stats.published += 1
+        self.store.mark_published(conv.conversation_id)
+
+    async def _resend_stale(self, producer: AIOKafkaProducer) -> None:
+        """Re-send candidates that waited too long (a lost worker); same turn id."""
+        now = time.time()
+        for conv in self.active.values():
+            p = conv.pending
+            if p is not None and now - p.created_at > self.p.decision_timeout_s:
+                log.warning(
+                    "no decision for %s after %.0fs: re-sending", p.turn_id, now - p.created_at
+                )
+                p.created_at = now
+                self.store.save(conv)
+                await self._send(producer, conv.pending_candidate())
+                self.stats.resent += 1
