@@ -225,10 +225,14 @@ def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
     if fields["index"] < 0:
         raise ContractError("candidate turn: index must be >= 0")
     text = fields["text"]
-    if not text.strip():
+    # Only a missing text is a contract violation; whitespace-only text is decided
+    # (reason "empty") and long text under the event limit too (reason "too_long").
+    if text == "":
         raise ContractError("candidate turn: text is empty")
     if len(text) > max_chars:
-        raise ContractError(f"candidate turn: text has {len(text)} characters, over {max_chars}")
+        raise ContractError(
+            f"candidate turn: text has {len(text)} characters, over the event limit {max_chars}"
+        )
     return CandidateTurn(**fields)
 
 

@@ -102,6 +102,9 @@ class AdmissionSettings(_Section):
         description="If set, the NLL threshold is this percentile of the seed messages' NLL.",
     )
     max_chars: int = Field(4000, ge=1, description="Longer texts are rejected as too_long.")
+    max_event_chars: int = Field(
+        20_000, ge=1, description="Longer texts break the contract and are dead-lettered."
+    )
     max_tokens: int = Field(
         510, ge=1, le=510, description="Scorer tokens; longer texts are rejected as too_long."
     )

@@ -130,6 +130,7 @@ def register(ctx: Any) -> None:
     async def admit_turns(stream: Any) -> None:
         if settings.index.seed_on_start:
             admitter.index = await _retry(ctx, seed_index, settings)
+        log.info("admitter ready: index %s", settings.milvus.uri or "Milvus Lite")
         async for events in stream.take_events(adm.admit_batch_size, within=adm.batch_window_s):
             await _admit_events(ctx, admitter, events)
 

@@ -129,7 +129,9 @@ async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> N
             valid.append(
                 (
                     event,
-                    contract.decode_candidate(event.message.value, settings.admission.max_chars),
+                    contract.decode_candidate(
+                        event.message.value, settings.admission.max_event_chars
+                    ),
                 )
             )
         except ContractError as exc:

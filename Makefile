@@ -1,0 +1,59 @@
+# corpusfactory: set-up, demo, tests and checks.
+#
+# The virtual environment is built once per requirements.lock and cached outside
+# the checkout (CORPUSFACTORY_CACHE, default ~/.cache/corpusfactory); .venv is a
+# link to it. The broker's jars and the demo models are cached there too, so
+# every target is fast when everything is already in place.
+
+PYTHON ?= python3
+CACHE ?= $(or $(CORPUSFACTORY_CACHE),$(HOME)/.cache/corpusfactory)
+LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-16)
+VENV_DIR := $(CACHE)/venvs/$(LOCK_HASH)
+VENV := .venv
+PY := $(VENV)/bin/python
+export CORPUSFACTORY_CACHE := $(CACHE)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup venv jars models demo test check format clean-state
+
+setup: venv jars models
+
+# The cached environment is complete only once its marker exists: an interrupted
+# install is started again from scratch.
+$(VENV_DIR)/.complete: requirements.lock
+	@rm -rf "$(VENV_DIR)"
+	$(PYTHON) -m venv "$(VENV_DIR)"
+	"$(VENV_DIR)/bin/python" -m pip install -q --upgrade pip
+	"$(VENV_DIR)/bin/python" -m pip install -q -r requirements.lock
+	@touch "$@"
+
+venv: $(VENV_DIR)/.complete
+	@if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo "$(VENV) exists and is not a link: remove it"; exit 1; fi
+	@ln -sfn "$(VENV_DIR)" $(VENV)
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+jars: venv
+	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
+
+models: venv
+	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null
+
+demo: setup
+	$(VENV)/bin/corpusfactory demo --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+check: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-state:
+	rm -rf .state

@@ -1,0 +1,222 @@
+"""End to end through the real broker, real Milvus Lite and the real models.
+
+A module-wide stack (one admitter, one scorer) serves the self-chat run, the
+poison events and the replay; the replay test runs last because it stops the
+admitter to read the index (Milvus Lite allows one process per file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from consumers.store import CorpusStore
+from consumers.writer import CorpusWriter
+from corpusfactory import contract
+from corpusfactory.index import VectorIndex
+from corpusfactory.kafka_clients import ensure_topics
+from corpusfactory.models.demo import resolve_model
+from corpusfactory.seeds import load_seeds, seed_messages
+from corpusfactory.settings import Settings
+from corpusfactory.stack import WorkerProcess
+from producers.generators.base import make_generator
+from producers.service import SelfChatProducer
+from tests.integration.conftest import make_settings
+from tests.integration.pipeline_util import (
+    candidate,
+    check_i1,
+    check_i2,
+    check_i3,
+    check_i4,
+    decisions_by_turn,
+    producer,
+    read_topic,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    bootstrap: str
+    admitter: WorkerProcess
+    scorer: WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("stack"), kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}."
+    )
+    ensure_topics(settings, kafka_bootstrap)
+    admitter = WorkerProcess(settings, "admitter").start()
+    scorer = WorkerProcess(settings, "scorer").start()
+    try:
+        admitter.wait_ready()
+        scorer.wait_ready()
+        yield Stack(settings, kafka_bootstrap, admitter, scorer)
+    finally:
+        scorer.stop()
+        admitter.stop()
+
+
+def run_producer(settings: Settings, bootstrap: str, conversations: int):
+    settings = settings.model_copy(deep=True)
+    settings.producer.conversations = conversations
+    gen = make_generator(settings.producer, resolve_model(settings.models.generator), "cpu")
+    try:
+        return asyncio.run(SelfChatProducer(settings, bootstrap, gen).run())
+    finally:
+        gen.close()
+
+
+def export(settings: Settings, bootstrap: str, tmp_path) -> list[dict]:
+    CorpusWriter(settings, bootstrap).run_once(3.0)
+    out = tmp_path / "corpus.jsonl"
+    CorpusStore(settings.state_path / "corpus").export(out)
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_path) -> None:
+    s = stack.settings
+    stats = run_producer(s, stack.bootstrap, conversations=6)
+    assert stats.finished + stats.truncated == 6
+    assert stats.published >= 1
+    assert sum(stats.decisions.values()) >= stats.candidates_sent - stats.resent
+
+    published = read_topic(stack.bootstrap, s.topic(contract.ACCEPTED))
+    assert len(published) == stats.published
+    for rec in published:
+        conv = contract.decode_accepted(rec.value)
+        assert rec.key == conv.conversation_id.encode()
+        roles = [t.role for t in conv.turns]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+        if not conv.truncated:
+            assert len(conv.turns) == conv.target_length
+            assert 4 <= conv.target_length <= 5
+
+    decisions = check_i1(stack.bootstrap, s)
+    corpus = export(s, stack.bootstrap, tmp_path)
+    assert len(corpus) == stats.published
+    check_i2(corpus)
+    check_i3(corpus, embedder, s.admission.similarity_threshold)
+    for conv in corpus:
+        assert conv["source"] == "selfchat"
+        for turn in conv["turns"]:
+            d = decisions[turn["turn_id"]][0]
+            assert d.accepted
+            assert turn["nll"] == pytest.approx(d.nll)
+            assert turn["nll"] < d.nll_threshold
+            assert turn["similarity"] <= s.admission.similarity_threshold
+            assert turn["neighbour_id"] == d.neighbour_id
+            assert turn["embedder"].endswith("model") and turn["scorer"]
+    # every decision carries its evidence and the thresholds in force
+    for ds in decisions.values():
+        d = ds[0]
+        assert d.similarity_threshold == s.admission.similarity_threshold
+        assert d.nll_threshold > 0 and d.embedder and d.scorer
+        if d.reason in ("accepted", "duplicate", "low_quality"):
+            assert d.neighbour_id and d.tokens > 0 and d.nll > 0
+
+
+POISON = {
+    "invalid_json": b'{"schema_version": 1, "turn_id": ',
+    "wrong_schema": json.dumps({"schema_version": 99, "turn_id": "x"}).encode(),
+    "not_utf8": b'{"schema_version": 1, "text": "\xff\xfe"}',
+    "null_value": None,
+    "not_an_object": b"[1, 2, 3]",
+}
+
+
+def test_poison_events_land_on_the_dead_letter_topic(stack) -> None:
+    s = stack.settings
+    topic = s.topic(contract.CANDIDATES)
+    conv = f"poison-{uuid.uuid4().hex[:6]}"
+    empty = contract.encode(candidate(conv, 0, "x")).replace(b'"text": "x"', b'"text": ""')
+    oversized = contract.encode(candidate(conv, 0, "parola " * 20_000, attempt=1))
+    missing = json.loads(contract.encode(candidate(conv, 0, "ciao")))
+    del missing["role"]
+    poison = {
+        **POISON,
+        "empty_text": empty,
+        "oversized": oversized,
+        "missing_field": json.dumps(missing).encode(),
+    }
+    prod = producer(stack.bootstrap)
+    sent = {}
+    for i, (name, value) in enumerate(poison.items()):
+        meta = prod.send(topic, key=conv.encode(), value=value).get(timeout=30)
+        sent[name] = (meta.partition, meta.offset)
+        good = candidate(f"{conv}-ok{i}", 0, f"Domanda numero {i}: come si prepara il pane?")
+        prod.send(topic, key=good.conversation_id.encode(), value=contract.encode(good))
+    prod.flush()
+    prod.close()
+
+    def dead() -> list:
+        recs = [
+            contract.DeadLetter(**json.loads(r.value))
+            for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
+        ]
+        return recs if len(recs) >= len(poison) else []
+
+    letters = wait_for(dead, 120, "dead letters")
+    got = {(d.origin_partition, d.origin_offset): d for d in letters}
+    assert len(letters) == len(poison)
+    for name, where in sent.items():
+        d = got[where]
+        assert d.origin_topic == topic and d.stage == "decode" and d.error, name
+    assert "not UTF-8" in got[sent["not_utf8"]].error
+    assert got[sent["null_value"]].value is None
+    assert "schema_version" in got[sent["wrong_schema"]].error
+    assert "empty" in got[sent["empty_text"]].error
+
+    # the valid events on the same partitions kept flowing
+    def decided() -> bool:
+        ds = decisions_by_turn(stack.bootstrap, s)
+        return all(f"{conv}-ok{i}:0:0" in ds for i in range(len(poison)))
+
+    wait_for(decided, 120, "decisions for the valid events")
+
+
+def test_replay_from_the_beginning_accepts_nothing_new(stack) -> None:
+    """Runs last: a second scorer group replays every candidate, then the index is checked."""
+    s = stack.settings
+    before = decisions_by_turn(stack.bootstrap, s)
+    n_before = sum(len(v) for v in before.values())
+    replay_settings = s.model_copy(deep=True)
+    replay_settings.worker.app_id = s.worker.app_id + "-replay"  # a fresh group: from offset 0
+    replayer = WorkerProcess(replay_settings, "scorer", name="scorer-replay").start()
+    try:
+        replayer.wait_ready()
+        n_candidates = (
+            len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))) - len(POISON) - 3
+        )  # the poison test's own bad events are dead-lettered again, not decided
+
+        def replayed() -> dict:
+            ds = decisions_by_turn(stack.bootstrap, s)
+            return ds if sum(len(v) for v in ds.values()) >= n_before + n_candidates else {}
+
+        after = wait_for(replayed, 240, "replayed decisions")
+    finally:
+        replayer.stop()
+    for turn_id, ds in after.items():
+        first, rest = ds[0], ds[1:]
+        for d in rest:
+            assert d.accepted == first.accepted and d.reason == first.reason, turn_id
+            if d.accepted:
+                assert d.replayed
+    accepted = {t for t, ds in after.items() if ds[0].accepted}
+    stack.admitter.stop()
+    index = VectorIndex.from_settings(s, 384)
+    try:
+        n_seeds = len(seed_messages(load_seeds(s.producer.seed_file)))
+        check_i4(index, accepted, n_seeds)
+    finally:
+        index.close()
