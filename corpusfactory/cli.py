@@ -138,16 +138,22 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from corpusfactory.kafka_clients import resolve_bootstrap
 
     s = _settings(args)
-    if args.action == "sync" or (args.action in ("stats", "export") and args.sync):
-        CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)).run_once(args.timeout)
-    store = CorpusStore(s.state_path / "corpus")
+    if args.action == "write":
+        with CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)) as writer:
+            writer.run()
+        return 0
+    if args.action == "sync" or args.sync:
+        with CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)) as writer:
+            report = writer.run_once(args.timeout)
+        if args.action == "sync":
+            _print_json(report.__dict__)
+            return 0
+    store = CorpusStore(s.state_path / "corpus", read_only=True)
     if args.action == "stats":
         _print_json(store.stats())
-    elif args.action == "export":
+    else:
         n = store.export(args.out, include_truncated=not args.no_truncated)
         print(f"exported {n} conversations to {args.out}")
-    elif args.action == "write":
-        CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)).run()
     return 0
 
 

@@ -59,8 +59,9 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
     finally:
         for w in workers:
             w.stop()
-    CorpusWriter(settings, bootstrap).run_once(5.0)
-    corpus = CorpusStore(settings.state_path / "corpus").stats()
+    with CorpusWriter(settings, bootstrap) as writer:
+        writer.run_once(30.0)
+    corpus = CorpusStore(settings.state_path / "corpus", read_only=True).stats()
     decided = sum(stats.decisions.values())
     return {
         "producer": stats.as_dict(),
@@ -93,7 +94,7 @@ def _summary(result: dict[str, Any]) -> str:
         + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"),
         f"  empty generations           {p['empty_generations']}",
     ]
-    q = c.get("nll_quantiles_accepted") or c.get("nll_quantiles") or {}
+    q = {k: v for k, v in c["turns"]["nll_accepted"].items() if v is not None}
     if q:
         lines.append(
             "  NLL quantiles (accepted)    " + ", ".join(f"{k}={v:.3f}" for k, v in q.items())
@@ -102,7 +103,9 @@ def _summary(result: dict[str, Any]) -> str:
     lines += [
         f"  throughput                  {t['decided_turns_per_s']} decided turns/s, "
         f"generation {t['generated_per_s']} messages/s",
-        f"  corpus on disk              {c.get('conversations', {})}",
+        f"  corpus on disk              {c['conversations']['total']} conversations "
+        f"({c['conversations']['truncated']} truncated), {c['conversations']['messages']} "
+        f"messages, acceptance rate {c['turns']['acceptance_rate']}",
         f"  timing (s)                  {result['timing_s']}",
         "",
     ]

@@ -78,9 +78,10 @@ def run_producer(settings: Settings, bootstrap: str, conversations: int):
 
 
 def export(settings: Settings, bootstrap: str, tmp_path) -> list[dict]:
-    CorpusWriter(settings, bootstrap).run_once(3.0)
+    with CorpusWriter(settings, bootstrap) as writer:
+        assert writer.run_once(60.0).drained
     out = tmp_path / "corpus.jsonl"
-    CorpusStore(settings.state_path / "corpus").export(out)
+    CorpusStore(settings.state_path / "corpus", read_only=True).export(out)
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
