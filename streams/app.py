@@ -88,6 +88,8 @@ def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
     app_id = f"{settings.kafka.topic_prefix}{settings.worker.app_id}-{role}"
+    datadir = settings.state_path / "faust" / role
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         **faust_broker_kwargs(settings.kafka, bootstrap),
@@ -101,7 +103,7 @@ def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
         producer_acks=-1,
         stream_buffer_maxsize=1024,  # back-pressure: bounded in-memory buffer per partition
         autodiscover=False,
-        datadir=str(settings.state_path / "faust" / role),
+        datadir=str(datadir),
     )
     ctx = StreamContext(app, settings)
     if role == "scorer":

@@ -1,0 +1,128 @@
+"""The transformers backend: a local causal language model, in-process.
+
+Prompts are left-padded and generated as one batch. Sampling is reproducible:
+each call seeds torch's RNG with a seed derived from ``params.seed`` and a call
+counter, inside ``torch.random.fork_rng`` so the process-wide RNG is left as it
+was. One call runs at a time (a lock), since the RNG fork is process-wide.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from corpusfactory.errors import GeneratorError
+from corpusfactory.settings import GenerationSettings
+from producers.generators.base import cut_at_stop, derive_seed
+
+
+class HFGenerator:
+    """A transformers ``AutoModelForCausalLM`` loaded from a local directory."""
+
+    def __init__(self, model_path: str, device: str = "cpu", *, use_stop_criteria: bool = True):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise GeneratorError(
+                f"transformers generator: model directory {path} does not exist "
+                "(the generator backend 'transformers' loads local models only)"
+            )
+        try:
+            self._device = torch.device(device)
+        except RuntimeError as exc:
+            raise GeneratorError(f"transformers generator: bad device {device!r}: {exc}") from None
+        model: Any
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+            dtype: Any = torch.float32 if self._device.type == "cpu" else "auto"
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise GeneratorError(f"transformers generator: cannot load {path}: {exc}") from exc
+        tok.padding_side = "left"
+        tok.truncation_side = "left"  # keep the end of an over-long prompt
+        if tok.pad_token_id is None:
+            if tok.eos_token_id is None:
+                raise GeneratorError(
+                    f"transformers generator: the tokenizer of {path} has neither a pad "
+                    "nor an eos token"
+                )
+            tok.pad_token = tok.eos_token
+        self._tok = tok
+        self._model = model.to(self._device).eval()
+        self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self._use_stop_criteria = use_stop_criteria
+        self._calls = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.id = f"transformers:{path.name}"
+
+    def generate(
+        self, prompts: list[str], params: GenerationSettings, stop: list[str]
+    ) -> list[str]:
+        if self._closed:
+            raise GeneratorError("transformers generator: generate() after close()")
+        if not prompts:
+            return []
+        import torch
+
+        with self._lock:
+            call = self._calls
+            self._calls += 1
+            enc_kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True}
+            if self._max_positions:
+                budget = self._max_positions - params.max_new_tokens
+                if budget < 1:
+                    raise GeneratorError(
+                        f"transformers generator: max_new_tokens={params.max_new_tokens} "
+                        f"leaves no room for a prompt (the model has {self._max_positions} "
+                        "positions)"
+                    )
+                enc_kwargs.update(truncation=True, max_length=budget)
+            enc = self._tok(prompts, **enc_kwargs).to(self._device)
+            gen_kwargs: dict[str, Any] = {
+                "max_new_tokens": params.max_new_tokens,
+                "pad_token_id": self._tok.pad_token_id,
+                "eos_token_id": self._tok.eos_token_id,
+            }
+            if params.temperature > 0:
+                # top_k=0 disables transformers' default top-k of 50: nucleus sampling
+                # only, as the openai and vllm backends do.
+                gen_kwargs.update(
+                    do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0
+                )
+            else:
+                # Greedy. Neutral sampling values, so a model's own generation_config
+                # (e.g. temperature 0.6) does not produce "unused flag" noise.
+                gen_kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
+            stops = [s for s in stop if s]
+            if self._use_stop_criteria and stops:
+                # Ends each row early once it produced a stop string; we cut below anyway.
+                gen_kwargs.update(stop_strings=stops, tokenizer=self._tok)
+            devices = [self._device.index or 0] if self._device.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                    torch.manual_seed(derive_seed(params.seed, call))
+                    out = self._model.generate(
+                        input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"],
+                        **gen_kwargs,
+                    )
+            except (RuntimeError, ValueError) as exc:
+                raise GeneratorError(f"transformers generator failed: {exc}") from exc
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            texts = self._tok.batch_decode(new_tokens, skip_special_tokens=True)
+        return [cut_at_stop(t, stops) for t in texts]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        is_cuda = self._device.type == "cuda"
+        del self._model
+        if is_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
