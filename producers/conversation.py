@@ -207,6 +207,23 @@ class Conversation:
             return Outcome.TRUNCATED
         return Outcome.RETRY
 
+    def reject_unsent(self, now: float | None = None) -> Outcome:
+        """Count a generation that produced no text as a rejection at this position.
+
+        Nothing was sent (an empty text breaks the event contract), so no decision
+        will come; the position is generated again, up to the retry cap.
+        """
+        if self.done:
+            raise ValueError(f"conversation {self.conversation_id} is {self.status}")
+        if self.pending is not None:
+            raise ValueError(f"conversation {self.conversation_id} has a pending turn")
+        self.attempts_at_position += 1
+        if self.attempts_at_position > self.retry_cap:
+            self.status = "truncated"
+            self.finished_at = time.time() if now is None else now
+            return Outcome.TRUNCATED
+        return Outcome.RETRY
+
     # -- output -------------------------------------------------------------------
 
     def to_accepted(self, producer_id: str, generator: str) -> AcceptedConversation:

@@ -358,3 +358,13 @@ def test_store_rolls_back_a_failed_change(tmp_path: Path) -> None:
         assert store.counts()["published"] == 0
         store.mark_published("a")
         assert store.counts()["published"] == 1
+
+
+def test_reject_unsent_counts_towards_the_retry_cap() -> None:
+    conv = Conversation(conversation_id="c-empty", source="t", target_length=4, retry_cap=1)
+    assert conv.reject_unsent(now=1.0) is Outcome.RETRY
+    assert conv.status == "active" and conv.index == 0
+    assert conv.reject_unsent(now=2.0) is Outcome.TRUNCATED
+    assert conv.status == "truncated" and conv.finished_at == 2.0
+    with pytest.raises(ValueError):
+        conv.reject_unsent()
