@@ -1,0 +1,170 @@
+"""Fault scenarios from reliability.md, each on its own real stack.
+
+* SIGKILL the admitter, the scorer and the producer mid-stream, restart them:
+  I1-I4 hold and every conversation still finishes.
+* Near-duplicate pairs sent at the same moment to different partitions, with
+  two scorer workers: at most one of each pair is accepted (exactly one here,
+  since both would pass every other check).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from consumers.store import CorpusStore
+from consumers.writer import CorpusWriter
+from corpusfactory import contract
+from corpusfactory.index import VectorIndex
+from corpusfactory.kafka_clients import ensure_topics
+from corpusfactory.seeds import load_seeds, seed_messages
+from corpusfactory.stack import ProducerProcess, WorkerProcess
+from tests.integration.conftest import make_settings
+from tests.integration.pipeline_util import (
+    candidate,
+    check_i1,
+    check_i2,
+    check_i3,
+    check_i4,
+    decisions_by_turn,
+    producer,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def n_decisions(bootstrap, settings) -> int:
+    return sum(len(v) for v in decisions_by_turn(bootstrap, settings).values())
+
+
+def test_sigkill_workers_and_producer_mid_stream(
+    tmp_path, kafka_bootstrap, built_models, embedder
+) -> None:
+    s = make_settings(
+        tmp_path / "state",
+        kafka_bootstrap,
+        f"t{uuid.uuid4().hex[:8]}.",
+        producer={"in_flight": 3, "decision_timeout_s": 20.0},
+    )
+    ensure_topics(s, kafka_bootstrap)
+    admitter = WorkerProcess(s, "admitter").start()
+    scorer = WorkerProcess(s, "scorer").start()
+    prod = ProducerProcess(s, conversations=5)
+    try:
+        admitter.wait_ready()
+        scorer.wait_ready()
+        prod.start()
+        wait_for(lambda: n_decisions(kafka_bootstrap, s) >= 4, 180, "first decisions")
+        admitter.kill()
+        admitter.start().wait_ready()
+        wait_for(lambda: n_decisions(kafka_bootstrap, s) >= 10, 180, "decisions after restart")
+        scorer.kill()
+        scorer.start().wait_ready()
+        prod.kill()
+        prod.start()
+        assert prod.wait(timeout=600) == 0, prod.log_text()[-3000:]
+        log = prod.log_text()
+        summary = json.loads(log[log.rindex("{\n") :])
+        assert summary["resent"] >= 1 or summary["started"] < 5  # it resumed, not restarted
+    finally:
+        prod.stop()
+        scorer.stop()
+        admitter.stop()
+
+    decisions = check_i1(kafka_bootstrap, s)
+    with CorpusWriter(s, kafka_bootstrap) as writer:
+        assert writer.run_once(60.0).drained
+    store = CorpusStore(s.state_path / "corpus", read_only=True)
+    corpus = list(store.iter_conversations())
+    assert len(corpus) >= 1
+    check_i2(corpus)
+    check_i3(corpus, embedder, s.admission.similarity_threshold)
+    accepted = {t for t, ds in decisions.items() if ds[0].accepted}
+    index = VectorIndex.from_settings(s, embedder.dim)
+    try:
+        check_i4(index, accepted, len(seed_messages(load_seeds(s.producer.seed_file))))
+    finally:
+        index.close()
+    # the producer's state agrees: 5 conversations closed, none left active
+    from producers.state import ConversationStore
+
+    with ConversationStore(s.state_path / "producer" / "producer-0.sqlite") as st:
+        counts = st.counts()
+    assert counts["active"] == 0
+    assert counts["finished"] + counts["truncated"] == 5
+
+
+PAIRS = [
+    (
+        "Il mio gatto arancione dorme sempre sul termosifone della cucina d'inverno.",
+        "Il mio gatto arancione dorme sempre sul termosifone in cucina d'inverno.",
+    ),
+    (
+        "Per riparare la bicicletta ho comprato una camera d'aria nuova e due leve.",
+        "Per riparare la bici ho comprato una camera d'aria nuova e due leve.",
+    ),
+    (
+        "Domani mattina prendo il treno delle sette per andare a Bologna dalla nonna.",
+        "Domani mattina prendo il treno delle sette e vado a Bologna dalla nonna.",
+    ),
+]
+
+
+def test_concurrent_near_duplicates_on_two_partitions(
+    tmp_path, kafka_bootstrap, built_models, embedder
+) -> None:
+    for a, b in PAIRS:  # the precondition: each pair is a near-duplicate for this embedder
+        va, vb = embedder.encode([a, b])
+        assert float(va @ vb) > 0.9
+    s = make_settings(
+        tmp_path / "state",
+        kafka_bootstrap,
+        f"t{uuid.uuid4().hex[:8]}.",
+        # quality is not what this test is about: only the diversity filter may reject
+        admission={"nll_threshold_percentile": None, "nll_threshold": 1000.0},
+    )
+    ensure_topics(s, kafka_bootstrap)
+    admitter = WorkerProcess(s, "admitter").start()
+    scorers = [WorkerProcess(s, "scorer", name=f"scorer-{i}").start() for i in range(2)]
+    try:
+        admitter.wait_ready()
+        for w in scorers:
+            w.wait_ready()
+        time.sleep(3)  # let the group settle so each scorer holds one partition
+        prod = producer(kafka_bootstrap)
+        topic = s.topic(contract.CANDIDATES)
+        run = uuid.uuid4().hex[:6]
+        for i, (a, b) in enumerate(PAIRS):
+            ca, cb = candidate(f"{run}-a{i}", 0, a), candidate(f"{run}-b{i}", 0, b)
+            prod.send(
+                topic, key=ca.conversation_id.encode(), value=contract.encode(ca), partition=0
+            )
+            prod.send(
+                topic, key=cb.conversation_id.encode(), value=contract.encode(cb), partition=1
+            )
+        prod.flush()
+        prod.close()
+        want = {f"{run}-{x}{i}:0:0" for i in range(len(PAIRS)) for x in "ab"}
+
+        def all_decided() -> dict:
+            ds = decisions_by_turn(kafka_bootstrap, s)
+            return ds if want <= set(ds) else {}
+
+        decisions = wait_for(all_decided, 180, "decisions for every pair")
+    finally:
+        for w in scorers:
+            w.stop()
+        admitter.stop()
+    for i in range(len(PAIRS)):
+        da = decisions[f"{run}-a{i}:0:0"][0]
+        db = decisions[f"{run}-b{i}:0:0"][0]
+        assert [da.accepted, db.accepted].count(True) == 1, (da, db)
+        loser = db if da.accepted else da
+        winner = da if da.accepted else db
+        assert loser.reason == "duplicate"
+        assert loser.neighbour_id == winner.turn_id
+        assert loser.similarity > 0.9
