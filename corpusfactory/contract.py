@@ -90,6 +90,7 @@ class ScoredTurn(_Record):
     embedder: str
     scorer: str
     nll_threshold: float
+    stage_s: dict[str, float] | None = None  # this turn's share of each stage's time
     origin_partition: int = -1
     origin_offset: int = -1
     scored_at: float = 0.0
@@ -114,6 +115,7 @@ class Decision(_Record):
     nll_threshold: float
     replayed: bool = False  # True when the turn had been accepted already (replay)
     decided_at: float = 0.0
+    stage_s: dict[str, float] | None = None  # seconds per stage: embed, score, admit
 
 
 class AcceptedTurn(_Record):

@@ -60,12 +60,15 @@ class ProducerStats:
     empty_generations: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
     generate_s: float = 0.0
+    stage_s: Counter[str] = field(default_factory=Counter)  # embed/score/admit, summed
+    roundtrip_s: float = 0.0  # candidate sent -> decision applied, summed over decisions
     generated: int = 0
     wall_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["decisions"] = dict(self.decisions)
+        d["stage_s"] = dict(self.stage_s)
         return d
 
 
@@ -250,10 +253,14 @@ class SelfChatProducer:
         conv = self.active.get(decision.conversation_id)
         if conv is None:
             return  # another producer's conversation, or one already closed
+        sent_at = conv.pending.created_at if conv.pending else 0.0
         outcome = conv.apply(decision)
         if outcome is Outcome.IGNORED:
             return
         self.stats.decisions[decision.reason] += 1
+        self.stats.stage_s.update(decision.stage_s or {})
+        if sent_at:
+            self.stats.roundtrip_s += max(0.0, time.time() - sent_at)
         if conv.done:
             await self._close(producer, conv)
         else:

@@ -64,6 +64,7 @@ class Admitter:
 
     def admit(self, scored: list[ScoredTurn]) -> list[Decision]:
         """Blocking: search, decide in order, upsert accepted vectors, build decisions."""
+        t0 = time.perf_counter()
         dims = {len(s.embedding) for s in scored if s.embedding}
         if len(dims) > 1:
             raise VectorIndexError(f"embeddings of different sizes in one batch: {sorted(dims)}")
@@ -98,6 +99,7 @@ class Admitter:
             assert self.index is not None
             self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)
         now = time.time()
+        admit_s = (time.perf_counter() - t0) / len(scored)
         return [
             Decision(
                 schema_version=contract.SCHEMA_VERSION,
@@ -116,6 +118,7 @@ class Admitter:
                 nll_threshold=s.nll_threshold,
                 replayed=v.replayed,
                 decided_at=now,
+                stage_s={**(s.stage_s or {}), "admit": admit_s},
             )
             for s, v in zip(scored, verdicts, strict=True)
         ]

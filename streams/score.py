@@ -78,7 +78,10 @@ class ScoringModels:
         todo = [i for i, r in enumerate(reasons) if not r]
         nll = [NOT_SCORED] * len(turns)
         tokens = [0] * len(turns)
-        for i, res in zip(todo, self.scorer.score([texts[i] for i in todo]), strict=True):
+        t0 = time.perf_counter()
+        results = self.scorer.score([texts[i] for i in todo])
+        t1 = time.perf_counter()
+        for i, res in zip(todo, results, strict=True):
             tokens[i] = res.tokens
             if res.too_long:
                 reasons[i] = TOO_LONG
@@ -88,6 +91,9 @@ class ScoringModels:
                 nll[i] = float(res.nll)
         keep = [i for i, r in enumerate(reasons) if not r]
         vectors = self.embedder.encode([texts[i] for i in keep])
+        t2 = time.perf_counter()
+        n = len(turns)
+        stage_s = {"score": (t1 - t0) / n, "embed": (t2 - t1) / n}
         embedding: list[list[float]] = [[] for _ in turns]
         for i, v in zip(keep, vectors, strict=True):
             embedding[i] = [float(x) for x in v]
@@ -103,6 +109,7 @@ class ScoringModels:
                 embedder=self.embedder.id,
                 scorer=self.scorer.id,
                 nll_threshold=self.nll_threshold,
+                stage_s=stage_s,
                 scored_at=now,
             )
             for i, t in enumerate(turns)

@@ -68,7 +68,7 @@ def test_sigkill_workers_and_producer_mid_stream(
         prod.start()
         assert prod.wait(timeout=600) == 0, prod.log_text()[-3000:]
         log = prod.log_text()
-        summary = json.loads(log[log.rindex("{\n") :])
+        summary = json.loads(log[log.rindex("\n{\n") + 1 :])
         assert summary["resent"] >= 1 or summary["started"] < 5  # it resumed, not restarted
     finally:
         prod.stop()
