@@ -1,0 +1,139 @@
+"""``corpusfactory bench``: measured figures, printed (and optionally saved) as JSON.
+
+* ``bench scorer``: messages/s of the MLM NLL scorer on the seed messages, its
+  achieved GFLOP/s (useful FLOPs, see ``scoring.nll.flops_per_masked_copy``),
+  next to this machine's measured float32 matrix-multiply peak.
+* ``bench pipeline``: the whole stack (embedded broker unless
+  ``KAFKA_BOOTSTRAP_SERVERS``, one scorer, one admitter, the producer) on a fresh
+  state directory: decided turns/s end to end, and the share of the producer's
+  wall time spent generating, in each worker stage (embed, score, admit), and
+  the rest (Kafka transport, batching windows, waiting).
+
+Figures are recorded in ``docs/benchmarks.md`` with the date and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from corpusfactory.settings import load_settings
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Best-of float32 GEMM throughput with torch on this machine's CPU threads."""
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        dt = time.perf_counter() - t
+        best = max(best, 2.0 * n**3 / dt / 1e9)
+    return best
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
+    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.seeds import load_seeds
+
+    s = load_settings(args.config)
+    scorer = MLMScorer(
+        resolve_model(s.models.scorer, s.models.models_dir),
+        device=s.models.device,
+        max_tokens=s.admission.max_tokens,
+        masked_batch_size=s.admission.masked_batch_size,
+        granularity=s.admission.nll_granularity,
+    )
+    texts = [m.text for c in load_seeds(s.producer.seed_file) for m in c.messages]
+    texts = (texts * (args.messages // len(texts) + 1))[: args.messages]
+    scorer.score(texts[:8])  # warm-up
+    t = time.perf_counter()
+    results = scorer.score(texts)
+    dt = time.perf_counter() - t
+    tokens = [r.tokens for r in results]
+    flops = scorer.estimate_flops(tokens)
+    peak = matmul_peak_gflops()
+    achieved = flops / dt / 1e9
+    return {
+        "benchmark": "scorer",
+        "model": scorer.id,
+        "messages": len(texts),
+        "mean_tokens": sum(tokens) / len(tokens),
+        "masked_batch_size": s.admission.masked_batch_size,
+        "seconds": round(dt, 3),
+        "messages_per_s": round(len(texts) / dt, 2),
+        "scored_tokens_per_s": round(sum(tokens) / dt, 1),
+        "achieved_gflops": round(achieved, 2),
+        "matmul_peak_gflops": round(peak, 2),
+        "fraction_of_peak": round(achieved / peak, 4),
+        "machine": _machine(),
+    }
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from corpusfactory.broker import EmbeddedBroker
+    from corpusfactory.demo import run_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="cf-bench-") as tmp:
+        s = load_settings(args.config, overrides={"state_dir": tmp})
+        broker = None
+        if not s.kafka.bootstrap_servers:
+            broker = EmbeddedBroker(Path(tmp))
+            broker.start()
+        try:
+            result = run_pipeline(s, args.conversations)
+        finally:
+            if broker is not None:
+                broker.stop()
+    p = result["producer"]
+    wall = p["wall_s"]
+    stages = {"generate": p["generate_s"], **p["stage_s"]}
+    stages["kafka_and_waiting"] = max(0.0, wall - sum(stages.values()))
+    decided = sum(p["decisions"].values())
+    return {
+        "benchmark": "pipeline",
+        "conversations": args.conversations,
+        "decided_turns": decided,
+        "decisions": p["decisions"],
+        "wall_s": round(wall, 2),
+        "decided_turns_per_s": round(decided / wall, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "stage_share": {k: round(v / wall, 4) for k, v in stages.items()},
+        "mean_roundtrip_s": round(p["roundtrip_s"] / max(decided, 1), 3),
+        "startup_s": result["timing_s"],
+        "machine": _machine(),
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    fn = {"scorer": bench_scorer, "pipeline": bench_pipeline}[args.what]
+    result = fn(args)
+    result["date"] = time.strftime("%Y-%m-%d")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
