@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from corpusfactory.errors import ConfigError
 
 ENV_PREFIX = "CORPUSFACTORY_"
+# CORPUSFACTORY_* variables that are not settings (read elsewhere).
+NON_SETTINGS_ENV = {"CONFIG", "CACHE", "LOG", "BROKER_JVM_OPTS"}
 
 
 class _Section(BaseModel):
@@ -220,7 +222,7 @@ def _set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX) :] in NON_SETTINGS_ENV:
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
         if path:
