@@ -201,7 +201,7 @@ def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[
             continue
         value = data[name]
         out[name] = value
-        expected = _TYPES.get(ann)  # type: ignore[call-overload]
+        expected = _TYPES.get(ann)
         if expected is not None:
             if isinstance(value, bool) and bool not in expected:
                 problems.append(f"field {name!r} must be {ann.__name__}, got bool")
@@ -209,7 +209,7 @@ def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[
                 problems.append(
                     f"field {name!r} must be {ann.__name__}, got {type(value).__name__}"
                 )
-            elif ann is float and not math.isfinite(float(value)):
+            elif isinstance(value, int | float) and not math.isfinite(value):
                 problems.append(f"field {name!r} must be finite")
     if problems:
         raise ContractError(f"{where}: " + "; ".join(problems))
