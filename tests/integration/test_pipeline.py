@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +185,38 @@ def test_poison_events_land_on_the_dead_letter_topic(stack) -> None:
         return all(f"{conv}-ok{i}:0:0" in ds for i in range(len(poison)))
 
     wait_for(decided, 120, "decisions for the valid events")
+
+
+def test_poison_decisions_are_dead_lettered_by_the_producer(stack) -> None:
+    s = stack.settings
+    n_candidates = len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES)))
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(stats=run_producer(s, stack.bootstrap, conversations=1))
+    )
+    worker.start()
+    # once the producer has sent a candidate it holds its decision partitions
+    wait_for(
+        lambda: len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))) > n_candidates,
+        120,
+        "the producer's first candidate",
+    )
+    prod = producer(stack.bootstrap)
+    bad_reason = json.dumps({"schema_version": 1, "turn_id": "x", "reason": "meh"}).encode()
+    for value in (b"{not json", bad_reason):
+        prod.send(s.topic(contract.DECISIONS), key=b"poison", value=value, partition=0)
+    prod.flush()
+    prod.close()
+    worker.join(timeout=300)
+    assert not worker.is_alive() and result["stats"].finished + result["stats"].truncated == 1
+    letters = [
+        contract.DeadLetter(**json.loads(r.value))
+        for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
+    ]
+    mine = [d for d in letters if d.stage == "producer"]
+    assert len(mine) == 2
+    assert all(d.origin_topic == s.topic(contract.DECISIONS) for d in mine)
+    assert {d.value for d in mine} == {"{not json", bad_reason.decode()}
 
 
 def test_replay_from_the_beginning_accepts_nothing_new(stack) -> None:
