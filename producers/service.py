@@ -90,7 +90,7 @@ class SelfChatProducer:
 
     # -- set-up ---------------------------------------------------------------
 
-    async def _start_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    def _clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
         kw = aiokafka_kwargs(self.settings.kafka, self.bootstrap)
         producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True, linger_ms=5)
         group = f"{self.settings.kafka.topic_prefix}producer-{self.p.producer_id}"
@@ -101,29 +101,27 @@ class SelfChatProducer:
             auto_offset_reset="latest",
             max_poll_records=500,
         )
-        await producer.start()
-        await consumer.start()
-        topic = self.settings.topic(contract.DECISIONS)
-        parts = consumer.partitions_for_topic(topic) or await self._partitions(consumer, topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        # Manual assignment: this producer needs every decision partition, and it must
-        # hold them (positions fixed) before it sends its first candidate.
-        consumer.assign(tps)
-        committed = {tp: await consumer.committed(tp) for tp in tps}
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, committed[tp] if committed[tp] is not None else ends[tp])
         return producer, consumer
 
-    @staticmethod
-    async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(50):
-            await consumer.topics()  # refreshes the cluster metadata
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                return set(parts)
-            await asyncio.sleep(0.2)
-        raise ContractError(f"topic {topic!r} does not exist: run a worker or `broker start`")
+    async def _assign_decisions(
+        self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer
+    ) -> None:
+        """Take every decision partition, at the committed offset or the current end.
+
+        Manual assignment: this producer needs every partition (its conversations
+        hash anywhere), and its positions are fixed before it sends a candidate, so
+        no decision for one of its candidates can be missed.
+        """
+        topic = self.settings.topic(contract.DECISIONS)
+        parts = await producer.partitions_for(topic)  # waits for the topic's metadata
+        if not parts:
+            raise ContractError(f"topic {topic!r} has no partitions: is it created?")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            consumer.seek(tp, committed if committed is not None else ends[tp])
 
     def _new_conversation(self) -> Conversation:
         k = min(self.p.fewshot_k, len(self.seeds))
@@ -144,8 +142,11 @@ class SelfChatProducer:
     async def run(self, stop: asyncio.Event | None = None) -> ProducerStats:
         t0 = time.perf_counter()
         stop = stop or asyncio.Event()
-        producer, consumer = await self._start_clients()
+        producer, consumer = self._clients()
         try:
+            await producer.start()
+            await consumer.start()
+            await self._assign_decisions(producer, consumer)
             for conv in self.store.load_unpublished():
                 await self._publish(producer, conv)
             self.active = {c.conversation_id: c for c in self.store.load_active()}
