@@ -159,6 +159,18 @@ async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None
             await ctx.dead_letter(event, exc, "admit")
     if not scored:
         return
-    decisions = await _retry(ctx, admitter.admit, [s for _, s in scored])
-    for (event, _), d in zip(scored, decisions, strict=True):
+    try:
+        decisions = await _retry(ctx, admitter.admit, [s for _, s in scored])
+        decided = list(zip(scored, decisions, strict=True))
+    except Exception as exc:
+        # Not an index outage (that is retried above) but bad data or a bug: decide
+        # turn by turn so one bad turn goes to the dead-letter topic and not its batch.
+        log.exception("batch admission failed (%s); retrying turn by turn", exc)
+        decided = []
+        for pair in scored:
+            try:
+                decided.append((pair, (await _retry(ctx, admitter.admit, [pair[1]]))[0]))
+            except Exception as exc1:
+                await ctx.dead_letter(pair[0], exc1, "admit")
+    for (event, _), d in decided:
         await ctx.decisions.send(key=event.message.key, value=encode(d))
