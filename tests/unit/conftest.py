@@ -1,0 +1,18 @@
+"""Fixtures of the unit tests: the demo models, built once (or reused from the cache)."""
+
+from __future__ import annotations
+
+import os
+
+# Unit tests never reach a model hub: every model they load is a local directory.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from corpusfactory.models.demo import DemoModels, build_demo_models
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> DemoModels:
+    """The real demo models in the default cache (built on first use, ~2-3 min on 2 cores)."""
+    return build_demo_models()
