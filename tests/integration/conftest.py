@@ -19,13 +19,13 @@ def make_settings(
     data: dict[str, Any] = {
         "state_dir": str(state_dir),
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "partitions": 2},
-        "admission": {"nll_threshold_percentile": 90, "batch_window_s": 0.1},
+        "admission": {"nll_threshold_percentile": 95, "batch_window_s": 0.1},
         "producer": {
             "in_flight": 4,
             "min_messages": 4,
             "max_messages": 5,
-            "retry_cap": 3,
-            "generation": {"max_new_tokens": 40},
+            "retry_cap": 4,
+            "generation": {"max_new_tokens": 40, "temperature": 0.7},
         },
         "worker": {"app_id": f"cf{uuid.uuid4().hex[:6]}"},
     }

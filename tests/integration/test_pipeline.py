@@ -68,9 +68,10 @@ def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
         admitter.stop()
 
 
-def run_producer(settings: Settings, bootstrap: str, conversations: int):
+def run_producer(settings: Settings, bootstrap: str, conversations: int, producer_id: str):
     settings = settings.model_copy(deep=True)
     settings.producer.conversations = conversations
+    settings.producer.producer_id = producer_id  # its own state file and decision group
     gen = make_generator(settings.producer, resolve_model(settings.models.generator), "cpu")
     try:
         return asyncio.run(SelfChatProducer(settings, bootstrap, gen).run())
@@ -88,7 +89,7 @@ def export(settings: Settings, bootstrap: str, tmp_path) -> list[dict]:
 
 def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_path) -> None:
     s = stack.settings
-    stats = run_producer(s, stack.bootstrap, conversations=6)
+    stats = run_producer(s, stack.bootstrap, conversations=6, producer_id="p-main")
     assert stats.finished + stats.truncated == 6
     assert stats.published >= 1
     assert sum(stats.decisions.values()) >= stats.candidates_sent - stats.resent
@@ -192,7 +193,9 @@ def test_poison_decisions_are_dead_lettered_by_the_producer(stack) -> None:
     n_candidates = len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES)))
     result: dict = {}
     worker = threading.Thread(
-        target=lambda: result.update(stats=run_producer(s, stack.bootstrap, conversations=1))
+        target=lambda: result.update(
+            stats=run_producer(s, stack.bootstrap, conversations=1, producer_id="p-poison")
+        )
     )
     worker.start()
     # once the producer has sent a candidate it holds its decision partitions
