@@ -113,7 +113,7 @@ class Decision(_Record):
     scorer: str
     similarity_threshold: float
     nll_threshold: float
-    replayed: bool = False  # True when the turn had been accepted already (replay)
+    replayed: bool = False  # True when the turn was decided before: this repeats that decision
     decided_at: float = 0.0
     stage_s: dict[str, float] | None = None  # seconds per stage: embed, score, admit
 

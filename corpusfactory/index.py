@@ -12,6 +12,7 @@ Searches use Strong consistency so a vector written moments earlier is seen.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ class VectorIndex:
             else:
                 self._check_dim()
             self._client.load_collection(collection)
+            self.log_collection = f"{collection}_decided"
+            if not self._client.has_collection(self.log_collection):
+                self._create_log()
+            self._client.load_collection(self.log_collection)
         except VectorIndexError:
             raise
         except Exception as exc:
@@ -96,6 +101,55 @@ class VectorIndex:
         self._client.create_collection(
             self.collection, schema=schema, index_params=params, consistency_level="Strong"
         )
+
+    def _create_log(self) -> None:
+        """The decision log: every decided turn, accepted or not, by turn id.
+
+        A turn scored again (a scorer restarted mid-batch, a replay) must get its
+        first decision back, not a new one: a recomputed NLL can differ in the last
+        bits and flip a borderline verdict. Milvus needs a vector in every
+        collection; this one holds a constant 2-d placeholder and is never searched.
+        """
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("ref", DataType.VARCHAR, max_length=REF_MAX)
+        schema.add_field("decision", DataType.VARCHAR, max_length=4096)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=2)
+        params = self._client.prepare_index_params()
+        params.add_index(field_name="vec", index_type="FLAT", metric_type="L2")
+        self._client.create_collection(
+            self.log_collection, schema=schema, index_params=params, consistency_level="Strong"
+        )
+
+    def prior_decisions(self, refs: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The logged decision of each of these turns that was decided before."""
+        if not refs:
+            return {}
+        try:
+            rows = self._client.query(
+                self.log_collection,
+                ids=[pk_for(r) for r in refs],
+                output_fields=["ref", "decision"],
+                consistency_level="Strong",
+            )
+        except Exception as exc:
+            raise VectorIndexError(f"decision log query failed on {self.uri!r}: {exc}") from exc
+        return {row["ref"]: json.loads(row["decision"]) for row in rows}
+
+    def log_decisions(self, decisions: dict[str, dict[str, Any]]) -> None:
+        """Record decisions by turn id (idempotent: same id, same row)."""
+        if not decisions:
+            return
+        rows = [
+            {"pk": pk_for(ref), "ref": ref, "decision": json.dumps(d), "vec": [0.0, 1.0]}
+            for ref, d in decisions.items()
+        ]
+        try:
+            self._client.upsert(self.log_collection, rows)
+        except Exception as exc:
+            raise VectorIndexError(f"decision log write failed on {self.uri!r}: {exc}") from exc
 
     def _check_dim(self) -> None:
         desc = self._client.describe_collection(self.collection)

@@ -63,41 +63,66 @@ class Admitter:
         return self.index
 
     def admit(self, scored: list[ScoredTurn]) -> list[Decision]:
-        """Blocking: search, decide in order, upsert accepted vectors, build decisions."""
+        """Blocking: search, decide in order, write vectors and the log, build decisions.
+
+        A turn decided before (found in the decision log) gets that decision back,
+        marked ``replayed``. Writes go vectors first, then the log, then the caller
+        sends the decisions: a crash in between is repaired on redelivery (a vector
+        without a log row still reads as accepted through ``existing``).
+        """
         t0 = time.perf_counter()
         dims = {len(s.embedding) for s in scored if s.embedding}
         if len(dims) > 1:
             raise VectorIndexError(f"embeddings of different sizes in one batch: {sorted(dims)}")
+        if dims:
+            self.ensure_index(dims.pop())
+        refs = [s.candidate.turn_id for s in scored]
+        prior = self.index.prior_decisions(refs) if self.index else {}
+        fresh = [i for i, r in enumerate(refs) if r not in prior]
         cands = [
             Candidate(
-                ref=s.candidate.turn_id,
-                vector=np.asarray(s.embedding, dtype=np.float32),
-                nll=s.nll,
-                precheck=s.precheck,
-                nll_threshold=s.nll_threshold,
+                ref=refs[i],
+                vector=np.asarray(scored[i].embedding, dtype=np.float32),
+                nll=scored[i].nll,
+                precheck=scored[i].precheck,
+                nll_threshold=scored[i].nll_threshold,
             )
-            for s in scored
+            for i in fresh
         ]
-        live = [i for i, c in enumerate(cands) if not c.precheck]
+        live = [j for j, c in enumerate(cands) if not c.precheck]
         nearest: list[Nearest | None] = [None] * len(cands)
         already: set[str] = set()
         if live:
-            index = self.ensure_index(dims.pop())
-            refs = [cands[i].ref for i in live]
-            found = index.search(np.stack([cands[i].vector for i in live]), exclude=refs)
-            for i, n in zip(live, found, strict=True):
-                nearest[i] = Nearest(n.ref, n.similarity) if n else None
-            already = index.existing(refs)
+            assert self.index is not None
+            live_refs = [cands[j].ref for j in live]
+            found = self.index.search(np.stack([cands[j].vector for j in live]), exclude=live_refs)
+            for j, n in zip(live, found, strict=True):
+                nearest[j] = Nearest(n.ref, n.similarity) if n else None
+            already = self.index.existing(live_refs)
         sim_threshold = self.settings.admission.similarity_threshold
         verdicts = decide_batch(cands, nearest, already, sim_threshold)
-        new = [
-            (c.ref, c.vector)
-            for c, v in zip(cands, verdicts, strict=True)
-            if v.accepted and not v.replayed
-        ]
+        new = [(c.ref, c.vector) for c, v in zip(cands, verdicts, strict=True) if v.accepted]
+        new = [(r, v) for r, v in new if r not in already]
         if new:
             assert self.index is not None
             self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)
+        records: dict[str, dict[str, Any]] = dict(prior)
+        for i, v in zip(fresh, verdicts, strict=True):
+            s = scored[i]
+            records[refs[i]] = {
+                "accepted": v.accepted,
+                "reason": v.reason,
+                "neighbour_id": v.neighbour,
+                "similarity": v.similarity,
+                "nll": s.nll,
+                "tokens": s.tokens,
+                "nll_threshold": s.nll_threshold,
+                "similarity_threshold": sim_threshold,
+                "replayed": v.replayed,
+            }
+        logged = {refs[i]: records[refs[i]] for i in fresh}
+        if self.index is not None:
+            self.index.log_decisions(logged)
         now = time.time()
         admit_s = (time.perf_counter() - t0) / len(scored)
         return [
@@ -106,21 +131,22 @@ class Admitter:
                 turn_id=s.candidate.turn_id,
                 conversation_id=s.candidate.conversation_id,
                 index=s.candidate.index,
-                accepted=v.accepted,
-                reason=v.reason,
-                neighbour_id=v.neighbour,
-                similarity=v.similarity,
-                nll=s.nll,
-                tokens=s.tokens,
+                accepted=rec["accepted"],
+                reason=rec["reason"],
+                neighbour_id=rec["neighbour_id"],
+                similarity=rec["similarity"],
+                nll=rec["nll"],
+                tokens=rec["tokens"],
                 embedder=s.embedder,
                 scorer=s.scorer,
-                similarity_threshold=sim_threshold,
-                nll_threshold=s.nll_threshold,
-                replayed=v.replayed,
+                similarity_threshold=rec["similarity_threshold"],
+                nll_threshold=rec["nll_threshold"],
+                replayed=ref in prior or bool(rec["replayed"]),
                 decided_at=now,
                 stage_s={**(s.stage_s or {}), "admit": admit_s},
             )
-            for s, v in zip(scored, verdicts, strict=True)
+            for s, ref in zip(scored, refs, strict=True)
+            for rec in (records[ref],)
         ]
 
 
