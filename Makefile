@@ -32,7 +32,9 @@ $(VENV_DIR)/.complete: requirements.lock
 venv: $(VENV_DIR)/.complete
 	@if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo "$(VENV) exists and is not a link: remove it"; exit 1; fi
 	@ln -sfn "$(VENV_DIR)" $(VENV)
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@mkdir -p .state
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >.state/editable-install.log 2>&1 \
+		|| { cat .state/editable-install.log; exit 1; }
 
 jars: venv
 	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
