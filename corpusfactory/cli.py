@@ -291,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The Kafka clients log every metadata refresh at INFO; keep our own INFO readable.
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "httpx", "pymilvus", "milvus_lite"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
