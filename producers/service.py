@@ -174,7 +174,8 @@ class SelfChatProducer:
 
     def _fill_slots(self) -> None:
         limit = self.p.conversations
-        done = self.store.counts().get("finished", 0) + self.store.counts().get("truncated", 0)
+        counts = self.store.counts()
+        done = counts.get("finished", 0) + counts.get("truncated", 0)
         while len(self.active) < self.p.in_flight:
             if limit and done + len(self.active) >= limit:
                 break
