@@ -162,7 +162,12 @@ class SelfChatProducer:
                 self._fill_slots()
                 if not self.active:
                     break
-                await self._generate_round(producer)
+                # Decisions are applied while the generator thread works, so a turn's
+                # decision never waits for the next batch to finish generating.
+                generating = asyncio.create_task(self._generate_round(producer))
+                while not generating.done():
+                    await self._poll_decisions(producer, consumer, wait_ms=100)
+                await generating
                 await self._poll_decisions(producer, consumer)
                 await self._resend_stale(producer)
         finally:
@@ -225,10 +230,14 @@ class SelfChatProducer:
         )
         self.stats.candidates_sent += 1
 
-    async def _poll_decisions(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
-        # Wait for decisions while every conversation is waiting on one.
-        waiting = all(c.pending is not None for c in self.active.values())
-        batches = await consumer.getmany(timeout_ms=1000 if waiting else 50)
+    async def _poll_decisions(
+        self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, wait_ms: int | None = None
+    ) -> None:
+        if wait_ms is None:
+            # Wait longer while every conversation is waiting on a decision.
+            waiting = all(c.pending is not None for c in self.active.values())
+            wait_ms = 1000 if waiting else 50
+        batches = await consumer.getmany(timeout_ms=wait_ms)
         for _tp, records in batches.items():
             for rec in records:
                 await self._on_decision(producer, rec)
