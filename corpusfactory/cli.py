@@ -240,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("produce", cmd_produce, "Run a self-chat producer.")
     p.add_argument(
-        "--conversations", type=int, help="stop after this many conversations (0 = forever)"
+        "--conversations",
+        type=int,
+        help="stop once this producer (producer.producer_id) has closed this many "
+        "conversations, counted across restarts (0 = forever)",
     )
 
     p = add("score", cmd_score, "Masked-LM NLL of texts (method.md §3).")

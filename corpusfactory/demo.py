@@ -119,6 +119,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.state_dir:
         overrides["state_dir"] = args.state_dir
     settings = load_settings(args.config, overrides=overrides)
+    # Each demo run is a new producer, so its conversation count starts at zero while
+    # the index and the corpus keep growing from run to run; and it draws new seeds,
+    # since the last run's seeds would regenerate texts the index now rejects.
+    settings.producer.producer_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_seed = time.time_ns() % 2**31
+    settings.producer.rng_seed = run_seed
+    settings.producer.generation.seed = run_seed
     broker = None
     if not settings.kafka.bootstrap_servers:
         broker = EmbeddedBroker(

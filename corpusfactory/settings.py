@@ -147,7 +147,10 @@ class ProducerSettings(_Section):
     min_truncated_messages: int = Field(2, ge=1)
     in_flight: int = Field(8, ge=1, description="Conversations generated concurrently.")
     conversations: int = Field(
-        0, ge=0, description="Stop after this many finish (0 = run forever)."
+        0,
+        ge=0,
+        description="Stop once this producer_id has closed this many conversations, "
+        "counted across restarts, so a restarted producer finishes the same job (0 = forever).",
     )
     user_tag: str = "[|Umano|]"
     assistant_tag: str = "[|Assistente|]"
