@@ -21,13 +21,23 @@ export TOKENIZERS_PARALLELISM := false
 setup: venv jars models
 
 # The cached environment is complete only once its marker exists: an interrupted
-# install is started again from scratch.
-$(VENV_DIR)/.complete: requirements.lock
-	@rm -rf "$(VENV_DIR)"
-	$(PYTHON) -m venv "$(VENV_DIR)"
-	"$(VENV_DIR)/bin/python" -m pip install -q --upgrade pip
-	"$(VENV_DIR)/bin/python" -m pip install -q -r requirements.lock
-	@touch "$@"
+# install is started again from scratch. Its path carries the lock's hash, so the
+# marker has no prerequisite: a fresh clone's newer lock-file mtime must not
+# rebuild (and delete) an environment other checkouts share. Virtual environments
+# cannot be moved once built, so it is built in place, under a lock.
+$(VENV_DIR)/.complete:
+	@mkdir -p "$(CACHE)/venvs"
+	@flock "$(CACHE)/venvs/.$(LOCK_HASH).lock" $(MAKE) --no-print-directory _build-venv
+
+.PHONY: _build-venv
+_build-venv:
+	@if [ ! -e "$(VENV_DIR)/.complete" ]; then \
+		rm -rf "$(VENV_DIR)" && \
+		$(PYTHON) -m venv "$(VENV_DIR)" && \
+		"$(VENV_DIR)/bin/python" -m pip install -q --upgrade pip && \
+		"$(VENV_DIR)/bin/python" -m pip install -q -r requirements.lock && \
+		touch "$(VENV_DIR)/.complete"; \
+	fi
 
 venv: $(VENV_DIR)/.complete
 	@if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo "$(VENV) exists and is not a link: remove it"; exit 1; fi
