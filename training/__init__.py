@@ -1,0 +1,1 @@
+"""Fine-tuning snapshots and their evaluation (issue 3)."""

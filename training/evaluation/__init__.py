@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned snapshots: the metrics and, later, the evaluator that uses them."""
