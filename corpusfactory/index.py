@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 REF_MAX = 512
 KIND_SEED = "seed"
 KIND_TURN = "turn"
-KIND_RESERVED = "reserved"
 
 
 def pk_for(ref: str) -> int:

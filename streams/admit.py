@@ -101,8 +101,12 @@ class Admitter:
             already = self.index.existing(live_refs)
         sim_threshold = self.settings.admission.similarity_threshold
         verdicts = decide_batch(cands, nearest, already, sim_threshold)
-        new = [(c.ref, c.vector) for c, v in zip(cands, verdicts, strict=True) if v.accepted]
-        new = [(r, v) for r, v in new if r not in already]
+        # replayed = accepted before (in the index, or earlier in this batch): no write
+        new = [
+            (c.ref, c.vector)
+            for c, v in zip(cands, verdicts, strict=True)
+            if v.accepted and not v.replayed
+        ]
         if new:
             assert self.index is not None
             self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)

@@ -101,3 +101,10 @@ def test_same_turn_twice_in_a_batch_gets_the_same_verdict() -> None:
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError):
         decide_batch([cand("a", unit(1, 0))], [], set(), 0.9)
+
+
+def test_turns_to_write_are_the_accepted_not_replayed_ones() -> None:
+    # what the admitter upserts: a turn twice in a batch, or already indexed, is written once
+    a, b = cand("a", unit(1, 0)), cand("b", unit(0, 1))
+    verdicts = decide_batch([a, b, a], [None] * 3, {"b"}, 0.9)
+    assert [v.ref for v in verdicts if v.accepted and not v.replayed] == ["a"]
