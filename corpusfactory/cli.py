@@ -22,8 +22,10 @@ from corpusfactory.settings import Settings, load_settings
 log = logging.getLogger("corpusfactory")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
+def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
+    """Settings from --config and the environment, with --state-dir and the command's
+    own flags (``sections``) applied on top."""
+    overrides: dict[str, Any] = dict(sections)
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
     return load_settings(args.config, overrides=overrides)
@@ -74,10 +76,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from producers.generators.base import make_generator
     from producers.service import SelfChatProducer
 
-    overrides: dict[str, Any] = {}
     if args.conversations is not None:
-        overrides["producer"] = {"conversations": args.conversations}
-    s = load_settings(args.config, overrides={**overrides, **_state_override(args)})
+        s = _settings(args, producer={"conversations": args.conversations})
+    else:
+        s = _settings(args)
     bootstrap = resolve_bootstrap(s)
     ensure_topics(s, bootstrap)
     model = resolve_model(s.models.generator, s.models.models_dir)
@@ -88,10 +90,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
         generator.close()
     _print_json(stats.as_dict())
     return 0
-
-
-def _state_override(args: argparse.Namespace) -> dict[str, Any]:
-    return {"state_dir": args.state_dir} if getattr(args, "state_dir", None) else {}
 
 
 # -- scoring -----------------------------------------------------------------------
@@ -161,15 +159,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from corpusfactory.embedder import Embedder
     from corpusfactory.index import VectorIndex
 
-    s = _settings(args)
+    s = _settings(args, producer={"seed_file": args.file}) if args.file else _settings(args)
     if args.action == "seed":
         from streams.admit import seed_index
 
-        if args.file:
-            s = load_settings(
-                args.config,
-                overrides={**_state_override(args), "producer": {"seed_file": args.file}},
-            )
         index = seed_index(s)
     else:
         index = VectorIndex.from_settings(s, Embedder(s.models.embedder).dim)
@@ -195,7 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from corpusfactory.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(_settings(args), args.conversations, args.keep_running)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

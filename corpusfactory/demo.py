@@ -10,14 +10,13 @@ rejected by reason, NLL quantiles, throughput.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import time
 from typing import Any
 
-from corpusfactory.settings import Settings, load_settings
+from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +111,9 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(settings: Settings, conversations: int, keep_running: bool = False) -> int:
     from corpusfactory.broker import EmbeddedBroker
 
-    overrides: dict[str, Any] = {}
-    if args.state_dir:
-        overrides["state_dir"] = args.state_dir
-    settings = load_settings(args.config, overrides=overrides)
     # Each demo run is a new producer, so its conversation count starts at zero while
     # the index and the corpus keep growing from run to run; and it draws new seeds,
     # since the last run's seeds would regenerate texts the index now rejects.
@@ -135,9 +130,9 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         broker.start()
     try:
-        result = run_pipeline(settings, args.conversations)
+        result = run_pipeline(settings, conversations)
     finally:
-        if broker is not None and not args.keep_running:
+        if broker is not None and not keep_running:
             broker.stop()
     out = settings.state_path / "demo-summary.json"
     out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
