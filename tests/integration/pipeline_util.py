@@ -125,3 +125,33 @@ def check_i4(index: Any, accepted_turn_ids: set[str], seed_count: int) -> None:
     turn_refs = {r for r in refs if not r.startswith("seed:")}
     assert turn_refs == accepted_turn_ids
     assert len(refs) - len(turn_refs) == seed_count
+
+
+def n_decisions(bootstrap: str, settings: Settings) -> int:
+    return sum(len(v) for v in decisions_by_turn(bootstrap, settings).values())
+
+
+def check_all_invariants(bootstrap: str, settings: Settings, embedder: Any) -> list[dict[str, Any]]:
+    """After a fault scenario, with every worker stopped: drain the corpus, check I1-I4.
+
+    Returns the stored conversations.
+    """
+    from consumers.store import CorpusStore
+    from consumers.writer import CorpusWriter
+    from corpusfactory.index import VectorIndex
+    from corpusfactory.seeds import load_seeds, seed_messages
+
+    decisions = check_i1(bootstrap, settings)
+    with CorpusWriter(settings, bootstrap) as writer:
+        assert writer.run_once(60.0).drained
+    store = CorpusStore(settings.state_path / "corpus", read_only=True)
+    corpus = list(store.iter_conversations())
+    check_i2(corpus)
+    check_i3(corpus, embedder, settings.admission.similarity_threshold)
+    accepted = {t for t, ds in decisions.items() if ds[0].accepted}
+    index = VectorIndex.from_settings(settings, embedder.dim)  # the admitter is stopped
+    try:
+        check_i4(index, accepted, len(seed_messages(load_seeds(settings.producer.seed_file))))
+    finally:
+        index.close()
+    return corpus

@@ -6,16 +6,11 @@ import uuid
 
 import pytest
 
-from consumers.store import CorpusStore
-from consumers.writer import CorpusWriter
 from corpusfactory.broker import EmbeddedBroker
-from corpusfactory.index import VectorIndex
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.stack import ProducerProcess, WorkerProcess
 from tests.integration.conftest import make_settings
-from tests.integration.pipeline_util import check_i1, check_i2, check_i3, check_i4, wait_for
-from tests.integration.test_faults import n_decisions
+from tests.integration.pipeline_util import check_all_invariants, n_decisions, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +36,6 @@ def test_broker_restart_under_load(tmp_path, built_models, embedder) -> None:
             prod.stop()
             scorer.stop()
             admitter.stop()
-        decisions = check_i1(bootstrap, s)
-        with CorpusWriter(s, bootstrap) as writer:
-            assert writer.run_once(60.0).drained
-        corpus = list(CorpusStore(s.state_path / "corpus", read_only=True).iter_conversations())
-        check_i2(corpus)
-        check_i3(corpus, embedder, s.admission.similarity_threshold)
-        index = VectorIndex.from_settings(s, embedder.dim)
-        try:
-            accepted = {t for t, ds in decisions.items() if ds[0].accepted}
-            check_i4(index, accepted, len(seed_messages(load_seeds(s.producer.seed_file))))
-        finally:
-            index.close()
+        check_all_invariants(bootstrap, s, embedder)
     finally:
         broker.stop()

@@ -15,30 +15,20 @@ import uuid
 
 import pytest
 
-from consumers.store import CorpusStore
-from consumers.writer import CorpusWriter
 from corpusfactory import contract
-from corpusfactory.index import VectorIndex
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.stack import ProducerProcess, WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
     candidate,
-    check_i1,
-    check_i2,
-    check_i3,
-    check_i4,
+    check_all_invariants,
     decisions_by_turn,
+    n_decisions,
     producer,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def n_decisions(bootstrap, settings) -> int:
-    return sum(len(v) for v in decisions_by_turn(bootstrap, settings).values())
 
 
 def test_sigkill_workers_and_producer_mid_stream(
@@ -75,20 +65,8 @@ def test_sigkill_workers_and_producer_mid_stream(
         scorer.stop()
         admitter.stop()
 
-    decisions = check_i1(kafka_bootstrap, s)
-    with CorpusWriter(s, kafka_bootstrap) as writer:
-        assert writer.run_once(60.0).drained
-    store = CorpusStore(s.state_path / "corpus", read_only=True)
-    corpus = list(store.iter_conversations())
+    corpus = check_all_invariants(kafka_bootstrap, s, embedder)
     assert len(corpus) >= 1
-    check_i2(corpus)
-    check_i3(corpus, embedder, s.admission.similarity_threshold)
-    accepted = {t for t, ds in decisions.items() if ds[0].accepted}
-    index = VectorIndex.from_settings(s, embedder.dim)
-    try:
-        check_i4(index, accepted, len(seed_messages(load_seeds(s.producer.seed_file))))
-    finally:
-        index.close()
     # the producer's state agrees: 5 conversations closed, none left active
     from producers.state import ConversationStore
 
