@@ -16,6 +16,8 @@ turns.scored         ScoredTurn (internal: scorer -> admitter)        conversati
 turns.decisions      Decision                                         conversation_id
 corpus.accepted      AcceptedConversation                             conversation_id
 turns.deadletter     DeadLetter                                       original key
+models.snapshots     SnapshotPublished (1 partition)                  snapshot_id
+models.evaluations   EvaluationPublished (1 partition)                model id
 ==================== =============================================== ==================
 
 Decoding is strict: ``decode(kind, raw_bytes)`` raises ``ContractError`` with a
@@ -41,7 +43,11 @@ SCORED = "turns.scored"
 DECISIONS = "turns.decisions"
 ACCEPTED = "corpus.accepted"
 DEADLETTER = "turns.deadletter"
-ALL_TOPICS = (CANDIDATES, SCORED, DECISIONS, ACCEPTED, DEADLETTER)
+SNAPSHOTS = "models.snapshots"
+EVALUATIONS = "models.evaluations"
+ALL_TOPICS = (CANDIDATES, SCORED, DECISIONS, ACCEPTED, DEADLETTER, SNAPSHOTS, EVALUATIONS)
+# Low-volume topics whose order matters more than their throughput.
+SINGLE_PARTITION_TOPICS = (SCORED, SNAPSHOTS, EVALUATIONS)
 
 ROLES = ("user", "assistant")
 
@@ -158,6 +164,29 @@ class DeadLetter(_Record):
     error_type: str
     stage: str  # "decode" | "score" | "admit" | "producer"
     at: float = 0.0
+
+
+class SnapshotPublished(_Record):
+    """A fine-tuning snapshot is complete on disk (its manifest holds the details)."""
+
+    schema_version: int
+    snapshot_id: str
+    parent: str  # "" when trained from the base model
+    base_model: str
+    path: str
+    conversations: int
+    created_at: float = 0.0
+
+
+class EvaluationPublished(_Record):
+    """One evaluation task's results for a snapshot (or "base", the base model)."""
+
+    schema_version: int
+    model_id: str
+    task: str
+    results: dict[str, Any]
+    path: str  # the results file, next to its per-item predictions
+    evaluated_at: float = 0.0
 
 
 R = TypeVar("R", bound=_Record)
@@ -302,6 +331,19 @@ def decode_accepted(raw: bytes | None) -> AcceptedConversation:
     fields = _check_fields(AcceptedConversation, data, "accepted conversation")
     fields["turns"] = parsed
     return AcceptedConversation(**fields)
+
+
+def decode_snapshot(raw: bytes | None) -> SnapshotPublished:
+    data = decode_json(raw, "snapshot announcement")
+    return SnapshotPublished(**_check_fields(SnapshotPublished, data, "snapshot announcement"))
+
+
+def decode_evaluation(raw: bytes | None) -> EvaluationPublished:
+    data = decode_json(raw, "evaluation announcement")
+    fields = _check_fields(EvaluationPublished, data, "evaluation announcement")
+    if not isinstance(fields["results"], dict):
+        raise ContractError("evaluation announcement: 'results' must be an object")
+    return EvaluationPublished(**fields)
 
 
 def _bad_turn() -> AcceptedTurn:

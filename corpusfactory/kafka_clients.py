@@ -22,7 +22,7 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from corpusfactory.broker import EmbeddedBroker
-from corpusfactory.contract import ALL_TOPICS, SCORED
+from corpusfactory.contract import ALL_TOPICS, SCORED, SINGLE_PARTITION_TOPICS
 from corpusfactory.errors import BrokerError, ConfigError
 from corpusfactory.settings import KafkaSettings, Settings
 
@@ -163,9 +163,9 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
-    """Full topic name -> partition count, for the five contract topics."""
+    """Full topic name -> partition count, for every contract topic."""
     return {
-        settings.topic(name): SCORED_PARTITIONS if name == SCORED else settings.kafka.partitions
+        settings.topic(name): 1 if name in SINGLE_PARTITION_TOPICS else settings.kafka.partitions
         for name in ALL_TOPICS
     }
 

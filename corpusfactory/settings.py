@@ -24,7 +24,7 @@ from corpusfactory.errors import ConfigError
 
 ENV_PREFIX = "CORPUSFACTORY_"
 # CORPUSFACTORY_* variables that are not settings (read elsewhere).
-NON_SETTINGS_ENV = {"CONFIG", "CACHE", "LOG", "BROKER_JVM_OPTS"}
+NON_SETTINGS_ENV = {"CONFIG", "CACHE", "LOG", "BROKER_JVM_OPTS", "PAUSE_AT", "PAUSE_DIR"}
 
 
 class _Section(BaseModel):
@@ -190,6 +190,134 @@ class WorkerSettings(_Section):
     )
 
 
+class TriggerSettings(_Section):
+    """When a fine-tuning snapshot starts (either condition triggers one)."""
+
+    every_conversations: int | None = Field(
+        100, ge=1, description="Train once this many new trainable conversations arrived."
+    )
+    every_minutes: float | None = Field(
+        None, gt=0.0, description="Train when this long has passed since the last snapshot."
+    )
+    min_conversations: int = Field(
+        1, ge=1, description="A time trigger with fewer new conversations does nothing."
+    )
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> TriggerSettings:
+        if self.every_conversations is None and self.every_minutes is None:
+            raise ValueError("set every_conversations, every_minutes, or both")
+        return self
+
+
+class LoraSettings(_Section):
+    """LoRA (peft) instead of a full fine-tune, for small budgets (the paper: full)."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainingSettings(_Section):
+    """Fine-tuning snapshots from corpus.accepted (method.md §5)."""
+
+    base_model: str = Field("demo:generator", description="Path, hub id or demo: name.")
+    init: Literal["continue", "base"] = Field(
+        "continue",
+        description="continue: train the previous snapshot on the new conversations; "
+        "base: train the base model on every conversation so far.",
+    )
+    sources: list[str] | None = Field(
+        None, description="Accepted-conversation sources to train on (None = all)."
+    )
+    include_truncated: bool = True
+    heldout_percent: float = Field(
+        5.0, ge=0.0, le=50.0, description="Conversations kept out of training, by id hash."
+    )
+    deepspeed_config: str = Field(
+        "cpu", description="A shipped config (cpu, zero1, zero2, zero3) or a JSON file path."
+    )
+    launcher: Literal["python", "deepspeed"] = Field(
+        "python", description="python: one process; deepspeed: the launcher, for several GPUs."
+    )
+    launcher_args: list[str] = Field(
+        [], description="Extra launcher arguments, e.g. ['--num_gpus', '8'] or a hostfile."
+    )
+    device: str = Field("cpu", description="cpu or cuda.")
+    seq_len: int = Field(8192, ge=16)
+    packing: bool = Field(True, description="Concatenate conversations into full sequences.")
+    loss_on: Literal["all", "assistant"] = "all"
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per snapshot.")
+    learning_rate: float = Field(5e-6, gt=0.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    gradient_clipping: float = Field(1.0, ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    attn_implementation: str | None = Field(None, description="e.g. flash_attention_2 on GPU.")
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    lora: LoraSettings = LoraSettings()
+    trigger: TriggerSettings = TriggerSettings()
+    snapshots_dir: str | None = Field(None, description="Default: <state_dir>/snapshots.")
+    group_id: str = "trainer"
+    poll_timeout_s: float = Field(1.0, gt=0.0)
+
+
+class EvalitaFiles(_Section):
+    train: str
+    test: str
+
+
+class EvaluationSettings(_Section):
+    """How snapshots are evaluated (method.md §6)."""
+
+    tasks: list[
+        Literal["squad_it", "ami2020", "ironita2018", "sentipolc2014", "heldout", "generation_nll"]
+    ] = ["heldout", "generation_nll"]
+    squad_it_path: str | None = Field(None, description="SQuAD-it test JSON (.json or .json.gz).")
+    squad_it_shots: int = Field(3, ge=0)
+    squad_it_limit: int | None = Field(None, ge=1, description="Seeded subset size; None = all.")
+    squad_it_max_new_tokens: int = Field(32, ge=1)
+    evalita: dict[str, EvalitaFiles] = Field(
+        {}, description="Task name -> {train, test} files in the official formats."
+    )
+    evalita_shots: int = Field(5, ge=0)
+    evalita_limit: int | None = Field(None, ge=1)
+    generation_prompts: int = Field(
+        16, ge=1, description="Seed-conversation prompts whose generations are MLM-scored."
+    )
+    generation_max_new_tokens: int = Field(48, ge=1)
+    heldout_limit: int | None = Field(None, ge=1, description="Held-out conversations scored.")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    device: str = "cpu"
+    evaluate_base: bool = Field(True, description="Evaluate the base model once, to compare.")
+    group_id: str = "evaluator"
+
+    @model_validator(mode="after")
+    def _inputs(self) -> EvaluationSettings:
+        if "squad_it" in self.tasks and not self.squad_it_path:
+            raise ValueError("task squad_it needs squad_it_path")
+        missing = [
+            t
+            for t in ("ami2020", "ironita2018", "sentipolc2014")
+            if t in self.tasks and t not in self.evalita
+        ]
+        if missing:
+            raise ValueError(f"tasks {missing} need evalita.<task>.train/test files")
+        unknown = sorted(set(self.evalita) - {"ami2020", "ironita2018", "sentipolc2014"})
+        if unknown:
+            raise ValueError(f"unknown evalita tasks {unknown}")
+        return self
+
+
 class Settings(_Section):
     """All settings. One object, validated up front."""
 
@@ -201,10 +329,18 @@ class Settings(_Section):
     producer: ProducerSettings = ProducerSettings()
     worker: WorkerSettings = WorkerSettings()
     index: IndexSettings = IndexSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser().resolve()
+
+    @property
+    def snapshots_path(self) -> Path:
+        if self.training.snapshots_dir:
+            return Path(self.training.snapshots_dir).expanduser().resolve()
+        return self.state_path / "snapshots"
 
     def topic(self, name: str) -> str:
         """The full name of a contract topic, with the configured prefix."""

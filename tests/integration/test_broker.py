@@ -25,7 +25,13 @@ from corpusfactory.broker import (
     ensure_jars,
     java_executable,
 )
-from corpusfactory.contract import ACCEPTED, ALL_TOPICS, CANDIDATES, SCORED
+from corpusfactory.contract import (
+    ACCEPTED,
+    ALL_TOPICS,
+    CANDIDATES,
+    SCORED,
+    SINGLE_PARTITION_TOPICS,
+)
 from corpusfactory.errors import BrokerError, ConfigError, JavaMissingError
 from corpusfactory.kafka_clients import (
     aiokafka_kwargs,
@@ -237,7 +243,7 @@ def test_ensure_topics_creates_the_contract_topics_idempotently(
     settings = _settings(tmp_path, topic_prefix, partitions=3, max_message_bytes=2_000_000)
     names = [settings.topic(t) for t in ALL_TOPICS]
     ensure_topics(settings, kafka_bootstrap)
-    expected = {name: 3 for name in names} | {settings.topic(SCORED): 1}
+    expected = {name: 3 for name in names} | {settings.topic(t): 1 for t in SINGLE_PARTITION_TOPICS}
     assert _partition_counts(kafka_bootstrap, names) == expected
 
     ensure_topics(settings, kafka_bootstrap)  # again: nothing to do, no error

@@ -1,0 +1,233 @@
+"""EVALITA readers, shot selection, prompts, and rank classification with the real demo LM."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from corpusfactory.chatformat import ChatFormat
+from corpusfactory.models.demo import DemoModels
+from training.evaluation.evalita import (
+    TASKS,
+    Example,
+    build_prompt,
+    evaluate_evalita,
+    read_ami2020,
+    read_ironita2018,
+    read_sentipolc2014,
+    select_shots,
+)
+from training.evaluation.lm import CausalLM
+from training.evaluation.metrics import classification_scores
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evalita"
+FILES = {
+    "ami2020": ("ami2020_train.tsv", "ami2020_test.tsv"),
+    "ironita2018": ("ironita2018_train.csv", "ironita2018_test.csv"),
+    "sentipolc2014": ("sentipolc2014_train.csv", "sentipolc2014_test.csv"),
+}
+
+
+def _paths(task: str) -> tuple[Path, Path]:
+    train, test = FILES[task]
+    return FIXTURES / train, FIXTURES / test
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+def test_ami2020_reader_rows_labels_and_quoted_newline_and_tab() -> None:
+    rows = read_ami2020(FIXTURES / "ami2020_train.tsv")
+    assert [r.id for r in rows] == [f"a{i}" for i in range(1, 13)]
+    # misogynous = 1 on a1, a3, a5, a7, a9, a11.
+    assert [r.label for r in rows] == ["misogynous", "non_misogynous"] * 6
+    assert rows[0].text == "Le donne non dovrebbero guidare, fanno solo danni."
+    assert rows[7].text == "Riunione alle 9.\nPortate i documenti, grazie."  # quoted newline
+    assert rows[9].text == "Mia sorella ha finito il dottorato in fisica:\tsono orgoglioso."
+    assert Counter(r.label for r in read_ami2020(FIXTURES / "ami2020_test.tsv")) == {
+        "misogynous": 5,
+        "non_misogynous": 5,
+    }
+
+
+def test_ironita2018_reader_handles_semicolons_doubled_quotes_newlines() -> None:
+    rows = read_ironita2018(FIXTURES / "ironita2018_train.csv")
+    assert len(rows) == 12
+    assert [r.label for r in rows] == ["ironic", "non_ironic"] * 6
+    assert rows[2].text == "Grazie governo; ora sì che le scuole funzionano benissimo."
+    assert rows[9].text == 'Il ministro ha detto "faremo presto" e ha lasciato la sala.'
+    assert rows[11] == Example(
+        "i12", "Nuovo orario dei bus;\nla linea 5 passa ogni 15 minuti.", "non_ironic"
+    )
+    assert len(read_ironita2018(FIXTURES / "ironita2018_test.csv")) == 10
+
+
+def test_sentipolc2014_reader_maps_opos_oneg_to_polarity() -> None:
+    rows = read_sentipolc2014(FIXTURES / "sentipolc2014_train.csv")
+    # (opos, oneg): (1,0) positive, (0,1) negative, (0,0) neutral, (1,1) mixed.
+    assert [r.label for r in rows] == ["positive", "negative", "neutral", "mixed"] * 3
+    assert rows[0] == Example("100001", "Bellissima giornata al mare, mi sento rinato!", "positive")
+    assert rows[11].text == "Cena buonissima, servizio lentissimo, conto salato.\nTornerò? Forse."
+    test = read_sentipolc2014(FIXTURES / "sentipolc2014_test.csv")
+    assert Counter(r.label for r in test) == {
+        "positive": 3,
+        "negative": 3,
+        "neutral": 2,
+        "mixed": 2,
+    }
+
+
+def test_bom_and_blank_lines_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.tsv"
+    path.write_text(
+        "\ufeffid\ttext\tmisogynous\taggressiveness\n\nx1\tciao\t0\t0\n\n", encoding="utf-8"
+    )
+    assert read_ami2020(path) == [Example("x1", "ciao", "non_misogynous")]
+
+
+HEADER = '"id";"text";"irony";"sarcasm";"topic"\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "where", "message"),
+    [
+        ('"id";"testo";"irony";"sarcasm";"topic"\n', 1, "expected header"),
+        # The first record spans lines 2-3, so the bad one starts on line 4.
+        (HEADER + '"1";"a\nb";"0";"0";"x"\n"2";"c";"2";"0";"x"\n', 4, "irony must be 0 or 1"),
+        (HEADER + '"1";"ok";"1";"0";"x"\n"2";"  ";"0";"0";"x"\n', 3, "empty text"),
+        (HEADER + '"1";"ok";"1";"0"\n', 2, "expected 5 fields, got 4"),
+        ("", 1, "empty file"),
+    ],
+)
+def test_bad_files_are_rejected_with_line_numbers(
+    tmp_path: Path, content: str, where: int, message: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"bad\.csv:{where}: .*{message}"):
+        read_ironita2018(path)
+
+
+def test_sentipolc_bad_polarity_value(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    header = '"idtwitter","subj","opos","oneg","iro","lpos","lneg","top","text"\n'
+    path.write_text(header + '"1","1","1","x","0","0","0","0","testo"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.csv:2: oneg must be 0 or 1, got 'x'"):
+        read_sentipolc2014(path)
+
+
+# --- shots and prompt -------------------------------------------------------------------------
+
+
+def test_shot_selection_is_deterministic_and_balanced() -> None:
+    train = read_sentipolc2014(FIXTURES / "sentipolc2014_train.csv")
+    labels = TASKS["sentipolc2014"].labels
+    first = select_shots(train, 5, 7, labels)
+    assert first == select_shots(train, 5, 7, labels)
+    # 5 shots over 4 labels: one label twice, the others once.
+    assert sorted(Counter(s.label for s in first).values()) == [1, 1, 1, 2]
+    assert len({tuple(s.id for s in select_shots(train, 5, seed, labels)) for seed in range(5)}) > 1
+    ami = read_ami2020(FIXTURES / "ami2020_train.tsv")
+    for seed in range(10):
+        counts = Counter(s.label for s in select_shots(ami, 5, seed, TASKS["ami2020"].labels))
+        assert sorted(counts.values()) == [2, 3]
+
+
+def test_shot_selection_with_a_scarce_label_and_too_few_examples() -> None:
+    train = [Example("p", "t", "ironic")] + [Example(f"n{i}", "t", "non_ironic") for i in range(9)]
+    shots = select_shots(train, 5, 0, TASKS["ironita2018"].labels)
+    # Only one ironic example exists, so the other four come from non_ironic.
+    assert Counter(s.label for s in shots) == {"ironic": 1, "non_ironic": 4}
+    assert len(select_shots(train[:3], 5, 0, TASKS["ironita2018"].labels)) == 3
+    assert select_shots(train, 0, 0, TASKS["ironita2018"].labels) == []
+
+
+def test_exact_prompt_for_a_hand_made_case() -> None:
+    spec = TASKS["ami2020"]
+    shots = [Example("1", "Frase uno.", "misogynous"), Example("2", "Frase due.", "non_misogynous")]
+    expected = (
+        "[|Umano|] Il testo è misogino? Rispondi sì o no.\nTesto: Frase uno.\n"
+        "[|Assistente|] sì\n\n"
+        "[|Umano|] Il testo è misogino? Rispondi sì o no.\nTesto: Frase due.\n"
+        "[|Assistente|] no\n\n"
+        "[|Umano|] Il testo è misogino? Rispondi sì o no.\nTesto: Nuova frase.\n"
+        "[|Assistente|]"
+    )
+    assert build_prompt(spec, shots, "Nuova frase.", ChatFormat()) == expected
+
+
+# --- end to end with the demo generator -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm(demo_models: DemoModels) -> CausalLM:
+    return CausalLM.load(demo_models.generator)
+
+
+def _read_predictions(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_end_to_end_predictions_match_metrics(lm: CausalLM, task: str, tmp_path: Path) -> None:
+    train, test = _paths(task)
+    result = evaluate_evalita(lm, task, train, test, tmp_path)
+    spec = TASKS[task]
+    assert result["task"] == task and result["n"] == 10 and result["shots"] == 5
+    assert result["labels"] == list(spec.labels)
+    assert result["shots_reduced"] == 0 and result["truncated"] == 0  # 512 positions suffice
+    assert result["predictions"] == str((tmp_path / f"{task}.predictions.jsonl").resolve())
+    rows = _read_predictions(result["predictions"])
+    assert [r["id"] for r in rows] == [ex.id for ex in spec.reader(test)]
+    for row in rows:
+        assert set(row["scores"]) == set(spec.labels)
+        assert all(math.isfinite(v) and v < 0 for v in row["scores"].values())
+        assert row["prediction"] == max(spec.labels, key=lambda lab: row["scores"][lab])
+    again = classification_scores(
+        [r["label"] for r in rows], [r["prediction"] for r in rows], labels=spec.labels
+    )
+    assert result["macro_f1"] == pytest.approx(100 * again["macro_f1"])
+    assert result["accuracy"] == pytest.approx(100 * again["accuracy"])
+    for label in spec.labels:
+        assert result["per_label"][label]["f1"] == pytest.approx(
+            100 * again["per_label"][label]["f1"]
+        )
+    assert 0 <= result["macro_f1"] <= 100 and result["seconds"] > 0
+
+
+def test_limit_picks_a_deterministic_subset(lm: CausalLM, tmp_path: Path) -> None:
+    train, test = _paths("ironita2018")
+    a = evaluate_evalita(lm, "ironita2018", train, test, tmp_path / "a", limit=4, seed=3)
+    b = evaluate_evalita(lm, "ironita2018", train, test, tmp_path / "b", limit=4, seed=3)
+    rows_a, rows_b = _read_predictions(a["predictions"]), _read_predictions(b["predictions"])
+    assert a["n"] == 4 and rows_a == rows_b
+    assert {r["id"] for r in rows_a} <= {ex.id for ex in read_ironita2018(test)}
+
+
+def test_short_context_drops_shots_then_truncates(lm: CausalLM, tmp_path: Path) -> None:
+    spec = TASKS["ami2020"]
+    train, test = _paths("ami2020")
+    items = read_ami2020(test)
+    answer = max(lm.count_tokens(" " + v) for v in spec.verbalisations.values())
+    bare = max(lm.count_tokens(build_prompt(spec, [], ex.text)) for ex in items)
+    small = CausalLM(lm.model, lm.tokenizer, lm.name)
+    # Room for the bare question of every item, but not for five shots on top of it.
+    small.max_length = bare + answer
+    result = evaluate_evalita(small, "ami2020", train, test, tmp_path / "small")
+    assert result["shots_reduced"] == 10 and result["truncated"] == 0
+    small.max_length = 10  # not even the question fits: cut on the left
+    result = evaluate_evalita(small, "ami2020", train, test, tmp_path / "tiny")
+    assert result["shots_reduced"] == 10 and result["truncated"] == 10
+    assert result["n"] == 10
+
+
+def test_unknown_task_and_bad_arguments(lm: CausalLM, tmp_path: Path) -> None:
+    train, test = _paths("ami2020")
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate_evalita(lm, "haspeede", train, test, tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_evalita(lm, "ami2020", train, test, tmp_path, limit=0)

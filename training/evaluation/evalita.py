@@ -1,0 +1,334 @@
+"""EVALITA-style k-shot classification by rank scoring: AMI 2020, IronITA 2018, SENTIPOLC 2014.
+
+The user supplies the official train and test files; each task reads one layout.
+
+* ``ami2020`` — AMI 2020 (automatic misogyny identification), subtask A. UTF-8, tab-separated,
+  header ``id	text	misogynous	aggressiveness``, one tweet per row. The label is the
+  ``misogynous`` column: ``0`` -> ``non_misogynous`` (said ``no``), ``1`` -> ``misogynous``
+  (said ``sì``); ``aggressiveness`` is read but not used.
+  Instruction: ``Il testo è misogino? Rispondi sì o no.``
+* ``ironita2018`` — IronITA 2018 (irony detection), task A. UTF-8, semicolon-separated, fields in
+  double quotes, header ``"id";"text";"irony";"sarcasm";"topic"``. The label is the ``irony``
+  column: ``0`` -> ``non_ironic`` (``no``), ``1`` -> ``ironic`` (``sì``).
+  Instruction: ``Il testo è ironico? Rispondi sì o no.``
+* ``sentipolc2014`` — SENTIPOLC 2014 (polarity classification). UTF-8, comma-separated, fields
+  in double quotes, header ``"idtwitter","subj","opos","oneg","iro","lpos","lneg","top","text"``.
+  The label comes from the overall polarity pair (``opos``, ``oneg``): (1, 0) -> ``positive``
+  (``positivo``), (0, 1) -> ``negative`` (``negativo``), (0, 0) -> ``neutral`` (``neutro``),
+  (1, 1) -> ``mixed`` (``misto``). Instruction:
+  ``Qual è la polarità del testo? Rispondi positivo, negativo, neutro o misto.``
+
+All readers use the ``csv`` module, so a quoted field may hold the delimiter, doubled quotes
+and newlines; a leading BOM is ignored and blank lines are skipped. A wrong header, a wrong
+number of fields, a label value other than 0/1 or an empty id or text raises ``ValueError``
+naming the file and the line where the record starts (``path:line: message``).
+
+Method (rank classification). The same k shots (default 5) serve every test item: drawn from
+the train file with ``seed``, balanced across labels as far as the file allows, in a seeded
+order. Each shot and then the test item is a chat turn pair in ``ChatFormat``: the user turn
+``{instruction}\\nTesto: {text}``, the assistant turn the label's verbalisation; the prompt
+ends with the assistant tag. The prediction is the label whose verbalisation ``v`` has the
+highest ``lm.loglikelihood(prompt, " " + v)``, ties going to the first label in task order.
+The score is the plain sum of log-probabilities, not a per-token mean: the verbalisations are
+single short words (one or two tokens on the usual Italian-aware tokenizers), so the two
+rankings rarely differ and the sum is the likelihood the model actually assigns to the answer.
+The cost: a word split into more tokens is slightly disfavoured (on the demo model's small BPE
+``positivo`` is three tokens, ``misto`` two), so the per-item ``scores`` are kept for audit.
+
+If a prompt (plus the longest answer) does not fit the model, shots are dropped from the
+front until it does (the item counts in ``shots_reduced``); if even the bare question is too
+long, the LM cuts the prompt on the left (the item counts in ``truncated``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corpusfactory.chatformat import ChatFormat, Message
+from training.evaluation.lm import CausalLM
+from training.evaluation.metrics import classification_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    reader: Callable[[Path], list[Example]]
+    labels: tuple[str, ...]
+    verbalisations: dict[str, str]  # label -> the word the model should answer
+    instruction: str
+
+
+# -- readers -----------------------------------------------------------------------------------
+
+
+def _records(
+    path: Path, delimiter: str, header: Sequence[str]
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield ``("path:line", {column: value})`` for each record after a checked header."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        end = 0  # last physical line of the previous record; a record starts on the next one
+        seen_header = False
+        try:
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:
+                    continue
+                where = f"{path}:{start}"
+                if not seen_header:
+                    got = [h.strip() for h in row]
+                    if got != list(header):
+                        raise ValueError(f"{where}: expected header {list(header)}, got {got}")
+                    seen_header = True
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{where}: expected {len(header)} fields, got {len(row)}")
+                yield where, dict(zip(header, row, strict=True))
+        except csv.Error as exc:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from exc
+        if not seen_header:
+            raise ValueError(f"{path}:1: empty file, expected header {list(header)}")
+
+
+def _field(where: str, rec: dict[str, str], column: str) -> str:
+    value = rec[column].strip()
+    if not value:
+        raise ValueError(f"{where}: empty {column}")
+    return value
+
+
+def _binary(where: str, rec: dict[str, str], column: str) -> int:
+    value = rec[column].strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{where}: {column} must be 0 or 1, got {value!r}")
+    return int(value)
+
+
+_AMI_HEADER = ("id", "text", "misogynous", "aggressiveness")
+_IRONITA_HEADER = ("id", "text", "irony", "sarcasm", "topic")
+_SENTIPOLC_HEADER = ("idtwitter", "subj", "opos", "oneg", "iro", "lpos", "lneg", "top", "text")
+_POLARITY = {(1, 0): "positive", (0, 1): "negative", (0, 0): "neutral", (1, 1): "mixed"}
+
+
+def read_ami2020(path: str | Path) -> list[Example]:
+    out = []
+    for where, rec in _records(Path(path), "\t", _AMI_HEADER):
+        label = ("non_misogynous", "misogynous")[_binary(where, rec, "misogynous")]
+        out.append(Example(_field(where, rec, "id"), _field(where, rec, "text"), label))
+    return out
+
+
+def read_ironita2018(path: str | Path) -> list[Example]:
+    out = []
+    for where, rec in _records(Path(path), ";", _IRONITA_HEADER):
+        label = ("non_ironic", "ironic")[_binary(where, rec, "irony")]
+        out.append(Example(_field(where, rec, "id"), _field(where, rec, "text"), label))
+    return out
+
+
+def read_sentipolc2014(path: str | Path) -> list[Example]:
+    out = []
+    for where, rec in _records(Path(path), ",", _SENTIPOLC_HEADER):
+        label = _POLARITY[(_binary(where, rec, "opos"), _binary(where, rec, "oneg"))]
+        out.append(Example(_field(where, rec, "idtwitter"), _field(where, rec, "text"), label))
+    return out
+
+
+TASKS: dict[str, TaskSpec] = {
+    "ami2020": TaskSpec(
+        "ami2020",
+        read_ami2020,
+        ("non_misogynous", "misogynous"),
+        {"non_misogynous": "no", "misogynous": "sì"},
+        "Il testo è misogino? Rispondi sì o no.",
+    ),
+    "ironita2018": TaskSpec(
+        "ironita2018",
+        read_ironita2018,
+        ("non_ironic", "ironic"),
+        {"non_ironic": "no", "ironic": "sì"},
+        "Il testo è ironico? Rispondi sì o no.",
+    ),
+    "sentipolc2014": TaskSpec(
+        "sentipolc2014",
+        read_sentipolc2014,
+        ("positive", "negative", "neutral", "mixed"),
+        {"positive": "positivo", "negative": "negativo", "neutral": "neutro", "mixed": "misto"},
+        "Qual è la polarità del testo? Rispondi positivo, negativo, neutro o misto.",
+    ),
+}
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def select_shots(
+    train: Sequence[Example], k: int, seed: int, labels: Sequence[str]
+) -> list[Example]:
+    """k train examples, label counts differing by at most one while every label has enough.
+
+    Labels take turns in a seeded order (so no label is always the one with the extra shot),
+    each drawing from its own seeded shuffle; the picks are then shuffled so the last shot,
+    the one nearest the question, is not always the same label.
+    """
+    rng = random.Random(seed)
+    pools = {label: [ex for ex in train if ex.label == label] for label in labels}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    order = list(labels)
+    rng.shuffle(order)
+    picked: list[Example] = []
+    while len(picked) < k and any(pools.values()):
+        for label in order:
+            if pools[label] and len(picked) < k:
+                picked.append(pools[label].pop())
+    rng.shuffle(picked)
+    return picked
+
+
+def _question(spec: TaskSpec, text: str) -> Message:
+    return Message("user", f"{spec.instruction}\nTesto: {text}")
+
+
+def build_prompt(
+    spec: TaskSpec, shots: Sequence[Example], text: str, fmt: ChatFormat = ChatFormat()
+) -> str:
+    """The shots as solved exchanges, then the question, ending with the assistant tag."""
+    examples = [
+        [_question(spec, ex.text), Message("assistant", spec.verbalisations[ex.label])]
+        for ex in shots
+    ]
+    return fmt.prompt([_question(spec, text)], "assistant", examples)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    # Written beside the target and renamed: a reader never sees a half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_evalita(
+    lm: CausalLM,
+    task: str,
+    train_path: str | Path,
+    test_path: str | Path,
+    out_dir: str | Path,
+    *,
+    shots: int = 5,
+    limit: int | None = None,
+    seed: int = 0,
+    fmt: ChatFormat = ChatFormat(),
+) -> dict[str, Any]:
+    """Score ``lm`` on one task; write ``out_dir/<task>.predictions.jsonl``; return the metrics.
+
+    Returns ``{"task", "macro_f1", "accuracy", "n", "labels", "per_label", "shots",
+    "shots_reduced", "truncated", "predictions", "seconds"}``: macro F1, accuracy and the
+    per-label precision / recall / F1 as percentages, ``shots`` the number of shots selected.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    started = time.perf_counter()
+    spec = TASKS[task]
+    train = spec.reader(Path(train_path))
+    test = spec.reader(Path(test_path))
+    if not test:
+        raise ValueError(f"{test_path}: no test items")
+    if limit is not None and limit < len(test):
+        keep = sorted(random.Random(seed).sample(range(len(test)), limit))
+        test = [test[i] for i in keep]
+    chosen = select_shots(train, shots, seed, spec.labels)
+
+    answers = {label: " " + spec.verbalisations[label] for label in spec.labels}
+    answer_tokens = max(lm.count_tokens(a) for a in answers.values())
+    prompts: list[str] = []
+    shots_reduced = truncated = 0
+    for ex in test:
+        used = list(chosen)
+        prompt = build_prompt(spec, used, ex.text, fmt)
+        while used and not lm.fits(prompt, answer_tokens):
+            used.pop(0)
+            prompt = build_prompt(spec, used, ex.text, fmt)
+        shots_reduced += len(used) < len(chosen)
+        truncated += not lm.fits(prompt, answer_tokens)  # the LM will cut it on the left
+        prompts.append(prompt)
+
+    requests = [(p, answers[label]) for p in prompts for label in spec.labels]
+    flat = lm.loglikelihood(requests)
+    rows: list[dict[str, Any]] = []
+    for i, ex in enumerate(test):
+        item = flat[i * len(spec.labels) : (i + 1) * len(spec.labels)]
+        scores = dict(zip(spec.labels, item, strict=True))
+        best = max(spec.labels, key=lambda lab: scores[lab])  # max keeps the first on ties
+        rows.append(
+            {"id": ex.id, "text": ex.text, "prediction": best, "label": ex.label, "scores": scores}
+        )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = (out / f"{task}.predictions.jsonl").resolve()
+    _write_jsonl_atomic(pred_path, rows)
+
+    scores_all = classification_scores(
+        [r["label"] for r in rows], [r["prediction"] for r in rows], labels=spec.labels
+    )
+    per_label = {
+        label: {
+            "precision": 100.0 * s["precision"],
+            "recall": 100.0 * s["recall"],
+            "f1": 100.0 * s["f1"],
+            "support": s["support"],
+        }
+        for label, s in scores_all["per_label"].items()
+    }
+    result = {
+        "task": task,
+        "macro_f1": 100.0 * scores_all["macro_f1"],
+        "accuracy": 100.0 * scores_all["accuracy"],
+        "n": len(rows),
+        "labels": list(spec.labels),
+        "per_label": per_label,
+        "shots": len(chosen),
+        "shots_reduced": shots_reduced,
+        "truncated": truncated,
+        "predictions": str(pred_path),
+        "seconds": time.perf_counter() - started,
+    }
+    log.info(
+        "%s: macro F1 %.2f, accuracy %.2f on %d items (%d shots, %d reduced, %d truncated)",
+        task,
+        result["macro_f1"],
+        result["accuracy"],
+        len(rows),
+        len(chosen),
+        shots_reduced,
+        truncated,
+    )
+    return result

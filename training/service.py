@@ -1,0 +1,457 @@
+"""The trainer: ``corpus.accepted`` -> DeepSpeed fine-tuning -> published snapshots.
+
+Run it with ``corpusfactory train`` (a service) or ``corpusfactory train --once`` (read
+what is there, train once if anything is new, exit).
+
+Offsets are managed explicitly. The trainer assigns itself every partition of
+``corpus.accepted`` (one trainer per topic; no group rebalances during a long run) and
+positions each at the end offset recorded in the newest complete snapshot's manifest,
+or at the beginning when there is none. Conversations are buffered in memory until the
+trigger policy (``training.trigger``) fires; then the snapshot is trained in a child
+process (``training.fit``), published atomically, announced on ``models.snapshots``,
+and only then are the offsets committed to Kafka (group ``training.group_id``; a
+mirror of the manifests, for lag monitoring). A crash anywhere before publication
+leaves no snapshot, and the next start reads the same conversations again; a crash
+after it finds the new manifest and goes on from there. So no conversation is skipped,
+and none is trained on twice: ids already in the lineage's ``conversations.txt`` are
+dropped (a producer may publish a conversation again after a crash).
+
+``training.init``: ``continue`` trains the previous snapshot on the new conversations
+only; ``base`` trains the base model on every conversation from the topic's start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from corpusfactory.chatformat import ChatFormat
+from corpusfactory.contract import (
+    ACCEPTED,
+    SCHEMA_VERSION,
+    SNAPSHOTS,
+    SnapshotPublished,
+    decode_accepted,
+    encode,
+)
+from corpusfactory.errors import ContractError, CorpusFactoryError
+from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.models.demo import resolve_model
+from corpusfactory.settings import Settings
+from training import dsconfig
+from training.data import (
+    TrainingConversation,
+    data_hash,
+    read_jsonl,
+    split,
+    write_jsonl,
+)
+from training.fit import JOB, STATS
+from training.snapshots import CONVERSATIONS, HELDOUT, MANIFEST, Snapshot, SnapshotStore
+from training.trigger import TriggerPolicy
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(CorpusFactoryError):
+    """A fine-tuning run failed; its job directory is kept for inspection."""
+
+
+@dataclass
+class Pending:
+    """Conversations read since the last snapshot, and how far each partition was read."""
+
+    conversations: list[TrainingConversation] = field(default_factory=list)
+    positions: dict[int, int] = field(default_factory=dict)
+    undecodable: int = 0
+
+    def trainable(self, t: Any) -> int:
+        return sum(
+            1
+            for c in self.conversations
+            if split(
+                c,
+                heldout_percent=t.heldout_percent,
+                sources=t.sources,
+                include_truncated=t.include_truncated,
+            )
+            == "train"
+        )
+
+
+def _die_with_parent() -> None:
+    # The fit child must not outlive a killed trainer and keep writing a staging dir.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Trainer:
+    def __init__(self, settings: Settings, bootstrap: str) -> None:
+        self.s = settings
+        self.t = settings.training
+        self.bootstrap = bootstrap
+        self.store = SnapshotStore(settings.snapshots_path)
+        self.policy = TriggerPolicy.from_settings(self.t.trigger)
+        self.fmt = ChatFormat(settings.producer.user_tag, settings.producer.assistant_tag)
+        self.topic = settings.topic(ACCEPTED)
+        self.jobs_dir = settings.state_path / "training" / "jobs"
+        self.ds_config = dsconfig.resolve(dsconfig.load(self.t.deepspeed_config), self.t)
+        self.group_id = f"{settings.kafka.topic_prefix}{self.t.group_id}"
+        self._consumer: KafkaConsumer | None = None
+        self._tps: list[TopicPartition] = []
+        self.pending = Pending()
+        self.last_snapshot_at = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        removed = self.store.cleanup_partial()
+        if removed:
+            log.warning("removed incomplete snapshots from an earlier crash: %s", removed)
+        if self.jobs_dir.exists():
+            shutil.rmtree(self.jobs_dir)
+        latest = self.store.latest()
+        if latest is not None:
+            self.last_snapshot_at = float(latest.manifest.get("created_at", time.time()))
+        consumer = KafkaConsumer(
+            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=500,
+        )
+        parts = consumer.partitions_for_topic(self.topic)
+        if not parts:
+            consumer.close()
+            raise TrainingError(f"topic {self.topic} does not exist (run the workers first)")
+        self._tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        consumer.assign(self._tps)
+        ends = _manifest_ends(latest)
+        for tp in self._tps:
+            if tp.partition in ends:
+                consumer.seek(tp, ends[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+            committed = consumer.committed(tp)
+            if latest is not None and committed is not None and committed != ends.get(tp.partition):
+                log.warning(
+                    "partition %s: committed offset %s differs from snapshot %s's end %s; "
+                    "the snapshot wins",
+                    tp.partition, committed, latest.id, ends.get(tp.partition),
+                )  # fmt: skip
+        self._consumer = consumer
+        self.pending = Pending(positions={tp.partition: consumer.position(tp) for tp in self._tps})
+        if latest is not None:
+            # Commit what the manifest says, in case the last run died before committing.
+            self._commit(self.pending.positions)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+
+    def __enter__(self) -> Trainer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None, max_snapshots: int | None = None) -> int:
+        """Consume and train until ``stop`` is set or ``max_snapshots`` were published."""
+        made = 0
+        while not (stop is not None and stop.is_set()):
+            self.poll(self.t.poll_timeout_s)
+            reason = self.policy.due(
+                self.pending.trainable(self.t), time.time() - self.last_snapshot_at
+            )
+            if reason is not None and self.snapshot(reason) is not None:
+                made += 1
+                if max_snapshots is not None and made >= max_snapshots:
+                    break
+        return made
+
+    def run_once(self) -> Snapshot | None:
+        """Read to the end offsets seen now, then train once on what is new (if anything)."""
+        assert self._consumer is not None, "start() first"
+        ends = self._consumer.end_offsets(self._tps)
+        while any(self.pending.positions[tp.partition] < ends[tp] for tp in self._tps):
+            self.poll(1.0)
+        if self.pending.trainable(self.t) == 0:
+            log.info("nothing new to train on")
+            return None
+        return self.snapshot("once")
+
+    def poll(self, timeout_s: float) -> int:
+        assert self._consumer is not None, "start() first"
+        batch = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        n = 0
+        for tp, records in batch.items():
+            for rec in records:
+                try:
+                    conv = decode_accepted(rec.value)
+                except ContractError as exc:
+                    # Written by our own workers, so this is a bug upstream: count it in the
+                    # manifest and go on; the corpus writer keeps the raw event.
+                    log.error("%s[%s]@%s: %s", tp.topic, tp.partition, rec.offset, exc)
+                    self.pending.undecodable += 1
+                else:
+                    self.pending.conversations.append(
+                        TrainingConversation.from_accepted(conv, tp.partition, rec.offset)
+                    )
+                self.pending.positions[tp.partition] = rec.offset + 1
+                n += 1
+        return n
+
+    # -- one snapshot ---------------------------------------------------------------------
+
+    def snapshot(self, reason: str) -> Snapshot | None:
+        latest = self.store.latest()
+        parent = latest if self.t.init == "continue" else None
+        window = self._window(latest)
+        train, heldout, counts = self._select(window, parent)
+        if not train:
+            log.info("trigger %s but no conversation to train on: %s", reason, dict(counts))
+            # Keep only what a later snapshot still needs (held-out conversations), so an
+            # all-duplicate window does not fire the trigger again and again.
+            self.pending.conversations = [
+                c
+                for c in self.pending.conversations
+                if c.conversation_id in {h.conversation_id for h in heldout}
+            ]
+            return None
+        seq = (latest.seq if latest else 0) + 1
+        snap_id = self.store.new_id(seq)
+        staging = self.store.staging(snap_id)
+        init_from = str(parent.path) if parent else resolve_model(self.s.training.base_model)
+        job_dir = self.jobs_dir / snap_id
+        started = time.time()
+        stats = self._fit(job_dir, snap_id, init_from, staging, train)
+        manifest = {
+            "id": snap_id,
+            "seq": seq,
+            "parent": parent.id if parent else "",
+            "base_model": self.t.base_model,
+            "init": self.t.init,
+            "init_from": init_from,
+            "created_at": time.time(),
+            "trigger": reason,
+            "topic": self.topic,
+            "offsets": self._offsets(latest),
+            "conversations": len(train),
+            "conversations_by_source": dict(Counter(c.source for c in train)),
+            "heldout_conversations": len(heldout),
+            "skipped": dict(counts),
+            "data_hash": data_hash(train),
+            "training": self.t.model_dump(mode="json"),
+            "deepspeed": self.ds_config,
+            "launcher": self._command(job_dir)[:-1],
+            "wall_seconds": round(time.time() - started, 3),
+            **{k: v for k, v in stats.items() if k not in ("loss_curve",)},
+            "loss_curve": stats.get("loss_curve", []),
+        }
+        (staging / CONVERSATIONS).write_text(
+            "".join(c.conversation_id + "\n" for c in train), encoding="utf-8"
+        )
+        write_jsonl(staging / HELDOUT, heldout)
+        (staging / STATS).unlink(missing_ok=True)  # its content is in the manifest
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        snap = self.store.publish(snap_id)
+        self._announce(snap)
+        self._commit(self.pending.positions)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        self.pending = Pending(positions=dict(self.pending.positions))
+        self.last_snapshot_at = time.time()
+        log.info(
+            "published %s: %d conversations, loss %s -> %s",
+            snap_id, len(train), stats.get("first_loss"), stats.get("final_loss"),
+        )  # fmt: skip
+        return snap
+
+    def _window(self, latest: Snapshot | None) -> list[TrainingConversation]:
+        if self.t.init == "continue":
+            return list(self.pending.conversations)
+        return self._read_from_start()
+
+    def _select(
+        self, window: list[TrainingConversation], parent: Snapshot | None
+    ) -> tuple[list[TrainingConversation], list[TrainingConversation], Counter[str]]:
+        seen = self.store.trained_ids(parent) if parent else set()
+        heldout: dict[str, TrainingConversation] = {}
+        if parent is not None and (parent.path / HELDOUT).is_file():
+            heldout = {c.conversation_id: c for c in read_jsonl(parent.path / HELDOUT)}
+        counts: Counter[str] = Counter()
+        if self.pending.undecodable:
+            counts["undecodable"] = self.pending.undecodable
+        train: list[TrainingConversation] = []
+        for conv in window:
+            kind = split(
+                conv,
+                heldout_percent=self.t.heldout_percent,
+                sources=self.t.sources,
+                include_truncated=self.t.include_truncated,
+            )
+            if kind == "heldout":
+                heldout.setdefault(conv.conversation_id, conv)
+            elif kind != "train":
+                counts[kind] += 1
+            elif conv.conversation_id in seen:
+                counts["already_trained"] += 1
+            else:
+                seen.add(conv.conversation_id)
+                train.append(conv)
+        return train, list(heldout.values()), counts
+
+    def _read_from_start(self) -> list[TrainingConversation]:
+        """Every conversation from the topic's start to the current positions (init: base)."""
+        consumer = KafkaConsumer(
+            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
+            group_id=None,
+            enable_auto_commit=False,
+        )
+        try:
+            consumer.assign(self._tps)
+            consumer.seek_to_beginning(*self._tps)
+            out: list[TrainingConversation] = []
+            goal = self.pending.positions
+            while any(consumer.position(tp) < goal[tp.partition] for tp in self._tps):
+                for tp, records in consumer.poll(timeout_ms=1000).items():
+                    for rec in records:
+                        if rec.offset >= goal[tp.partition]:
+                            continue
+                        try:
+                            conv = decode_accepted(rec.value)
+                        except ContractError:
+                            continue  # counted when first read
+                        out.append(
+                            TrainingConversation.from_accepted(conv, tp.partition, rec.offset)
+                        )
+            return out
+        finally:
+            consumer.close(autocommit=False)
+
+    def _offsets(self, latest: Snapshot | None) -> dict[str, dict[str, int]]:
+        assert self._consumer is not None
+        if self.t.init == "base" or latest is None:
+            starts = {
+                tp.partition: v for tp, v in self._consumer.beginning_offsets(self._tps).items()
+            }
+        else:
+            starts = _manifest_ends(latest)
+            firsts = self._consumer.beginning_offsets(self._tps)
+            for tp in self._tps:
+                starts.setdefault(tp.partition, firsts[tp])
+        return {
+            str(p): {"start": starts[p], "end": self.pending.positions[p]}
+            for p in sorted(self.pending.positions)
+        }
+
+    # -- the child process ------------------------------------------------------------------
+
+    def _command(self, job_dir: Path) -> list[str]:
+        if self.t.launcher == "deepspeed":
+            return ["deepspeed", *self.t.launcher_args, "--module", "training.fit", str(job_dir)]
+        return [sys.executable, "-m", "training.fit", str(job_dir)]
+
+    def _fit(
+        self,
+        job_dir: Path,
+        snap_id: str,
+        init_from: str,
+        staging: Path,
+        train: list[TrainingConversation],
+    ) -> dict[str, Any]:
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(parents=True)
+        write_jsonl(job_dir / "train.jsonl", train)
+        job = {
+            "snapshot_id": snap_id,
+            "init_from": init_from,
+            "output_dir": str(staging),
+            "data": "train.jsonl",
+            "training": self.t.model_dump(mode="json"),
+            "deepspeed": self.ds_config,
+            "chat_format": {"user_tag": self.fmt.user_tag, "assistant_tag": self.fmt.assistant_tag},
+        }
+        (job_dir / JOB).write_text(json.dumps(job, indent=2), encoding="utf-8")
+        cmd = self._command(job_dir)
+        log.info("training %s on %d conversations: %s", snap_id, len(train), " ".join(cmd))
+        env = dict(os.environ)
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir()))
+        with (job_dir / "fit.log").open("w", encoding="utf-8") as out:
+            proc = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
+                check=False,
+            )  # fmt: skip
+        if proc.returncode != 0:
+            tail = (job_dir / "fit.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingError(
+                f"training {snap_id} failed with status {proc.returncode}; "
+                f"log: {job_dir / 'fit.log'}\n{tail}"
+            )
+        stats_path = staging / STATS
+        if not stats_path.is_file():
+            raise TrainingError(f"training {snap_id} exited 0 but wrote no {STATS}")
+        stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
+        return stats
+
+    # -- Kafka out --------------------------------------------------------------------------
+
+    def _announce(self, snap: Snapshot) -> None:
+        producer = KafkaProducer(**kafka_python_kwargs(self.s.kafka, self.bootstrap), acks="all")
+        try:
+            record = SnapshotPublished(
+                schema_version=SCHEMA_VERSION,
+                snapshot_id=snap.id,
+                parent=snap.parent,
+                base_model=str(snap.manifest.get("base_model", "")),
+                path=str(snap.path),
+                conversations=int(snap.manifest.get("conversations", 0)),
+                created_at=float(snap.manifest.get("created_at", 0.0)),
+            )
+            producer.send(self.s.topic(SNAPSHOTS), key=snap.id.encode(), value=encode(record))
+            producer.flush(timeout=30)
+        finally:
+            producer.close()
+
+    def _commit(self, positions: dict[int, int]) -> None:
+        assert self._consumer is not None
+        self._consumer.commit(
+            {
+                TopicPartition(self.topic, p): OffsetAndMetadata(off, "", -1)
+                for p, off in positions.items()
+            }
+        )
+
+
+def _manifest_ends(snap: Snapshot | None) -> dict[int, int]:
+    if snap is None:
+        return {}
+    parts = snap.manifest.get("offsets", {})
+    return {int(p): int(v["end"]) for p, v in parts.items()}
+
+
+def _torch_extensions_dir() -> Path:
+    # DeepSpeed compiles a small CPU op on first use (about 50 s); keep it with our caches.
+    root = Path(os.environ.get("CORPUSFACTORY_CACHE", "~/.cache/corpusfactory")).expanduser()
+    return root / "torch_extensions"
