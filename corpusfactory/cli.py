@@ -188,7 +188,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from corpusfactory.demo import run_demo
 
-    return run_demo(_settings(args), args.conversations, args.keep_running)
+    return run_demo(
+        _settings(args), args.conversations, args.keep_running, train=not args.no_training
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -269,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "Run the whole factory on the embedded stack and summarise.")
     p.add_argument("--conversations", type=int, default=24, help="conversations to generate")
     p.add_argument("--keep-running", action="store_true", help="leave the broker running")
+    p.add_argument("--no-training", action="store_true", help="skip the snapshot and evaluation")
+
+    from corpusfactory.cli_training import add_commands
+
+    add_commands(add, _settings)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
     p.add_argument("what", choices=["pipeline", "scorer"], help="which benchmark")
@@ -293,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
     try:
         return int(args.fn(args))
     except CorpusFactoryError as exc:

@@ -4,8 +4,11 @@ Steps: build (or reuse) the demo models, start the embedded Kafka broker,
 create the topics, start one scorer and one admitter worker (the admitter
 loads the seed messages into Milvus Lite first), run the self-chat producer
 for ``--conversations`` conversations, drain the accepted corpus into its
-shards, and print what happened: conversations accepted, turns accepted and
-rejected by reason, NLL quantiles, throughput.
+shards, fine-tune a snapshot of the demo generator on the new conversations
+(DeepSpeed on CPU), evaluate it and the base model (a SQuAD-it subset, held-out
+perplexity, MLM-NLL of its generations), and print what happened: conversations
+accepted, turns accepted and rejected by reason, NLL quantiles, throughput, and
+the evaluation table.
 """
 
 from __future__ import annotations
@@ -77,6 +80,45 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
     }
 
 
+def run_training(settings: Settings) -> dict[str, Any]:
+    """Train one snapshot on what is new in corpus.accepted, then evaluate what is waiting."""
+    from corpusfactory.kafka_clients import resolve_bootstrap
+    from training.evaluation.compare import compare_rows, render_table
+    from training.evaluation.service import EvaluatorService
+    from training.service import Trainer
+
+    bootstrap = resolve_bootstrap(settings)
+    t0 = time.perf_counter()
+    with Trainer(settings, bootstrap) as trainer:
+        snap = trainer.run_once()
+    t1 = time.perf_counter()
+    with EvaluatorService(settings, bootstrap) as evaluator:
+        evaluator.run(once=True)
+    t2 = time.perf_counter()
+    rows = compare_rows(settings)
+    return {
+        "snapshot": snap.id if snap else None,
+        "manifest": snap.manifest if snap else None,
+        "evaluation": rows,
+        "table": render_table(rows),
+        "timing_s": {"train": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)},
+    }
+
+
+def _training_summary(result: dict[str, Any]) -> str:
+    m = result["manifest"]
+    if m is None:
+        head = "  no new trainable conversations: no snapshot this run"
+    else:
+        head = (
+            f"  snapshot                    {result['snapshot']} on {m['conversations']} "
+            f"conversations, {m['steps']} steps, loss {m['first_loss']} -> {m['final_loss']}, "
+            f"{m['tokens_per_s']} tokens/s"
+        )
+    return "\n".join([head, f"  timing (s)                  {result['timing_s']}", "",
+                      result["table"], ""])  # fmt: skip
+
+
 def _summary(result: dict[str, Any]) -> str:
     p = result["producer"]
     c = result["corpus"]
@@ -111,7 +153,9 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(settings: Settings, conversations: int, keep_running: bool = False) -> int:
+def run_demo(
+    settings: Settings, conversations: int, keep_running: bool = False, train: bool = True
+) -> int:
     from corpusfactory.broker import EmbeddedBroker
 
     # Each demo run is a new producer, so its conversation count starts at zero while
@@ -131,11 +175,15 @@ def run_demo(settings: Settings, conversations: int, keep_running: bool = False)
         broker.start()
     try:
         result = run_pipeline(settings, conversations)
+        if train:
+            result["training"] = run_training(settings)
     finally:
         if broker is not None and not keep_running:
             broker.stop()
     out = settings.state_path / "demo-summary.json"
     out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     print(_summary(result))
+    if "training" in result:
+        print(_training_summary(result["training"]))
     print(f"full figures: {out}")
     return 0

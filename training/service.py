@@ -241,7 +241,11 @@ class Trainer:
         seq = (latest.seq if latest else 0) + 1
         snap_id = self.store.new_id(seq)
         staging = self.store.staging(snap_id)
-        init_from = str(parent.path) if parent else resolve_model(self.s.training.base_model)
+        init_from = (
+            str(parent.path)
+            if parent
+            else resolve_model(self.s.training.base_model, self.s.models.models_dir)
+        )
         job_dir = self.jobs_dir / snap_id
         started = time.time()
         stats = self._fit(job_dir, snap_id, init_from, staging, train)

@@ -73,9 +73,21 @@ class CausalLM:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> list[str]:
-        """Greedy continuations of ``prompts``, each cut at the first of ``stop``."""
+        """Continuations of ``prompts``, each cut at the first of ``stop``.
+
+        Greedy by default; with ``temperature > 0`` sampled, reproducibly from ``seed``.
+        """
+        sample = temperature > 0
+        if sample:
+            torch.manual_seed(seed)
         budget = max(1, self.max_length - max_new_tokens)
         outputs: list[str] = []
         pad = self.tokenizer.pad_token_id
@@ -91,9 +103,9 @@ class CausalLM:
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
                 top_k=None,
                 pad_token_id=pad,
             )

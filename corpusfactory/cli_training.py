@@ -1,0 +1,154 @@
+"""The training commands of ``corpusfactory``: train, evaluate, snapshots, eval.
+
+``train`` and ``evaluate`` are services (``--once``: do what is waiting, then exit);
+``snapshots list|show`` reads the snapshot directory; ``eval run|compare|metrics`` runs
+an evaluation by hand, prints the table across snapshots, or scores a custom task file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from corpusfactory.settings import Settings
+
+SettingsFn = Callable[[argparse.Namespace], Settings]
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def cmd_train(args: argparse.Namespace, s: Settings) -> int:
+    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from training.service import Trainer
+
+    bootstrap = resolve_bootstrap(s, start_embedded=False)
+    ensure_topics(s, bootstrap)
+    with Trainer(s, bootstrap) as trainer:
+        print("trainer ready", flush=True)
+        if args.once:
+            snap = trainer.run_once()
+            print(snap.id if snap else "no new conversations: no snapshot")
+        else:
+            trainer.run(_stop_on_signals(), max_snapshots=args.max_snapshots)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
+    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from training.evaluation.service import EvaluatorService
+
+    bootstrap = resolve_bootstrap(s, start_embedded=False)
+    ensure_topics(s, bootstrap)
+    with EvaluatorService(s, bootstrap) as service:
+        print("evaluator ready", flush=True)
+        n = service.run(None if args.once else _stop_on_signals(), once=args.once)
+    print(f"evaluated {n} model(s)")
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace, s: Settings) -> int:
+    from training.snapshots import SnapshotStore
+
+    store = SnapshotStore(s.snapshots_path)
+    if args.action == "show":
+        if not args.id:
+            raise SystemExit("snapshots show needs a snapshot ID")
+        _print(store.describe(store.get(args.id)))
+        return 0
+    snaps = [store.describe(x) for x in store.all()]
+    if args.json:
+        _print(snaps)
+        return 0
+    if not snaps:
+        print(f"no snapshots in {store.root}")
+    for d in snaps:
+        m = d["manifest"]
+        print(
+            f"{d['id']}  parent={m.get('parent') or '-'}  conversations={m.get('conversations')}"
+            f"  loss={m.get('first_loss')}->{m.get('final_loss')}  eval={','.join(d['eval'])}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, s: Settings) -> int:
+    if args.action == "metrics":
+        return _eval_metrics(args, s)
+    if args.action == "compare":
+        from training.evaluation.compare import compare_rows, render_table
+
+        rows = compare_rows(s)
+        if args.json:
+            _print(rows)
+        else:
+            print(render_table(rows))
+        return 0
+    from training.evaluation.runner import Evaluator
+
+    if not args.model:
+        raise SystemExit("eval run needs --model ID (a snapshot id, or 'base')")
+    tasks = args.tasks.split(",") if args.tasks else None
+    results = {
+        task: res for task, res, _ in Evaluator(s).evaluate(args.model, tasks, force=args.force)
+    }
+    _print(results)
+    return 0
+
+
+def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
+    from training.evaluation.tasks import evaluate_task_file
+
+    if not args.file or not args.kind:
+        raise SystemExit("eval metrics needs --kind KIND and a FILE")
+    encoder = None
+    if args.kind == "similarity":
+        from corpusfactory.embedder import Embedder
+
+        encoder = Embedder(args.embedder or s.models.embedder)
+    _print(evaluate_task_file(args.file, args.kind, encoder))
+    return 0
+
+
+def add_commands(
+    add: Callable[[str, Callable[[argparse.Namespace], int], str], Any], settings: SettingsFn
+) -> None:
+    """Register the commands; ``settings`` builds the Settings from parsed arguments."""
+
+    def bind(fn: Callable[[argparse.Namespace, Settings], int]) -> Callable[..., int]:
+        return lambda args: fn(args, settings(args))
+
+    p = add("train", bind(cmd_train), "Fine-tune snapshots from corpus.accepted (DeepSpeed).")
+    p.add_argument("--once", action="store_true", help="train once on what is new, then exit")
+    p.add_argument("--max-snapshots", type=int, help="exit after publishing this many")
+
+    p = add("evaluate", bind(cmd_evaluate), "Evaluate new snapshots (and the base model).")
+    p.add_argument("--once", action="store_true", help="evaluate what is waiting, then exit")
+
+    p = add("snapshots", bind(cmd_snapshots), "List or show fine-tuning snapshots.")
+    p.add_argument("action", choices=["list", "show"], help="what to do")
+    p.add_argument("id", nargs="?", help="show: the snapshot id")
+    p.add_argument("--json", action="store_true", help="list: manifests and evaluations as JSON")
+
+    p = add("eval", bind(cmd_eval), "Run an evaluation, compare models, or score a task file.")
+    p.add_argument("action", choices=["run", "compare", "metrics"], help="what to do")
+    p.add_argument("--model", help="run: a snapshot id, or 'base'")
+    p.add_argument("--tasks", help="run: comma-separated tasks (default: evaluation.tasks)")
+    p.add_argument("--force", action="store_true", help="run: redo tasks that have results")
+    p.add_argument("--json", action="store_true", help="compare: JSON rows instead of a table")
+    p.add_argument(
+        "--kind", choices=["classification", "similarity", "tags"], help="metrics: file kind"
+    )
+    p.add_argument("file", nargs="?", help="metrics: a JSONL task file")
+    p.add_argument("--embedder", help="metrics similarity: embedder (default models.embedder)")

@@ -1,0 +1,141 @@
+"""The evaluator: ``models.snapshots`` -> evaluation results -> ``models.evaluations``.
+
+Run it with ``corpusfactory evaluate`` (a service) or ``corpusfactory evaluate --once``.
+On start it evaluates the base model once (``evaluation.evaluate_base``) and every
+complete snapshot that lacks a result (so nothing announced while it was down is
+missed), then follows ``models.snapshots``. Each task's result is stored with the
+snapshot (``eval/<task>.json``) and announced on ``models.evaluations`` (key: the model
+id); the announcement offset is committed once all of a snapshot's tasks are done, and
+finished tasks are never redone, so a crash costs at most the task in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from corpusfactory.contract import (
+    EVALUATIONS,
+    SCHEMA_VERSION,
+    SNAPSHOTS,
+    EvaluationPublished,
+    decode_snapshot,
+    encode,
+)
+from corpusfactory.errors import ContractError
+from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.settings import Settings
+from training.evaluation.runner import Evaluator
+from training.snapshots import BASE_ID, SnapshotError
+
+log = logging.getLogger(__name__)
+
+
+class EvaluatorService:
+    def __init__(self, settings: Settings, bootstrap: str) -> None:
+        self.s = settings
+        self.bootstrap = bootstrap
+        self.evaluator = Evaluator(settings)
+        self.topic = settings.topic(SNAPSHOTS)
+        self.group_id = f"{settings.kafka.topic_prefix}{settings.evaluation.group_id}"
+        self._producer: KafkaProducer | None = None
+        self._consumer: KafkaConsumer | None = None
+
+    def start(self) -> None:
+        kw = kafka_python_kwargs(self.s.kafka, self.bootstrap)
+        self._producer = KafkaProducer(**kw, acks="all")
+        self._consumer = KafkaConsumer(
+            **kw,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self._tp = TopicPartition(self.topic, 0)
+        self._consumer.assign([self._tp])
+        if self._consumer.committed(self._tp) is None:
+            self._consumer.seek_to_beginning(self._tp)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+        if self._producer is not None:
+            self._producer.close()
+        self._consumer = self._producer = None
+
+    def __enter__(self) -> EvaluatorService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def catch_up(self) -> list[str]:
+        """Evaluate the base model and every complete snapshot still missing a result."""
+        done = []
+        if self.s.evaluation.evaluate_base and self.evaluator.pending_tasks(BASE_ID):
+            self.evaluate(BASE_ID)
+            done.append(BASE_ID)
+        for snap in self.evaluator.store.all():
+            if self.evaluator.pending_tasks(snap.id):
+                self.evaluate(snap.id)
+                done.append(snap.id)
+        return done
+
+    def evaluate(self, model_id: str) -> dict[str, Any]:
+        assert self._producer is not None, "start() first"
+        out: dict[str, Any] = {}
+        for task, results, path in self.evaluator.evaluate(model_id):
+            record = EvaluationPublished(
+                schema_version=SCHEMA_VERSION,
+                model_id=model_id,
+                task=task,
+                results=results,
+                path=str(path),
+                evaluated_at=float(results["evaluated_at"]),
+            )
+            self._producer.send(
+                self.s.topic(EVALUATIONS), key=model_id.encode(), value=encode(record)
+            )
+            out[task] = results
+            log.info("%s %s: %s", model_id, task, _headline(results))
+        self._producer.flush(timeout=30)
+        return out
+
+    def run(self, stop: threading.Event | None = None, once: bool = False) -> int:
+        """Catch up, then follow announcements; ``once``: stop at the current end."""
+        assert self._consumer is not None, "start() first"
+        count = len(self.catch_up())
+        end = self._consumer.end_offsets([self._tp])[self._tp]
+        while not (stop is not None and stop.is_set()):
+            if once and self._consumer.position(self._tp) >= end:
+                break
+            for records in self._consumer.poll(timeout_ms=1000).values():
+                for rec in records:
+                    count += self._handle(rec.value, rec.offset)
+                    self._consumer.commit({self._tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+        return count
+
+    def _handle(self, raw: bytes | None, offset: int) -> int:
+        try:
+            ann = decode_snapshot(raw)
+        except ContractError as exc:
+            log.error("%s@%s: %s", self.topic, offset, exc)
+            return 0
+        try:
+            if not self.evaluator.pending_tasks(ann.snapshot_id):
+                return 0
+        except SnapshotError as exc:  # announced but gone (deleted by hand): say so, go on
+            log.error("snapshot %s announced but not found: %s", ann.snapshot_id, exc)
+            return 0
+        self.evaluate(ann.snapshot_id)
+        return 1
+
+
+def _headline(results: dict[str, Any]) -> str:
+    keys = ("f1", "em", "macro_f1", "accuracy", "perplexity", "mean", "n")
+    return ", ".join(f"{k}={results[k]:.4g}" if isinstance(results[k], float) else
+                     f"{k}={results[k]}" for k in keys if k in results)  # fmt: skip
