@@ -3,8 +3,9 @@
 Set ``CORPUSFACTORY_PAUSE_AT=name[,name...]`` and the process stops for good when it
 reaches one of those points, after creating the file ``$CORPUSFACTORY_PAUSE_DIR/<name>``
 so a test knows it is there and can kill it. Unset (always, outside tests) a pause
-point costs one environment lookup. Points: ``fit.save`` (weights written, stats
-not yet), ``snapshot.publish`` (renamed into place, completeness marker not yet).
+point costs one environment lookup. Points: ``fit.train`` (after an optimizer step),
+``fit.save`` (weights written, stats not yet), ``snapshot.publish`` (renamed into
+place, completeness marker not yet).
 """
 
 from __future__ import annotations

@@ -244,6 +244,7 @@ def fit(engine: Any, batches: list[list[Block]], t: TrainingSettings, world: int
         step_losses.append(float(loss.detach()))
         tokens += int(inputs["attention_mask"].sum())
         if boundary:
+            pause_point("fit.train")
             mean = torch.tensor(sum(step_losses) / len(step_losses))
             dist.all_reduce(mean)  # gloo and nccl both sum; divide for the mean
             curve.append([engine.global_steps, round(float(mean) / world, 6)])

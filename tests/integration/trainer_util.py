@@ -24,7 +24,13 @@ from tests.integration.conftest import make_settings
 from training.data import TrainingConversation, split
 
 
-def trainer_settings(tmp_path: Path, bootstrap: str, prefix: str, **training: Any) -> Settings:
+def trainer_settings(
+    tmp_path: Path,
+    bootstrap: str,
+    prefix: str,
+    evaluation: dict[str, Any] | None = None,
+    **training: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "base_model": "demo:generator",
         "deepspeed_config": "cpu",
@@ -38,7 +44,9 @@ def trainer_settings(tmp_path: Path, bootstrap: str, prefix: str, **training: An
         "trigger": {"every_conversations": 10},
     }
     values.update(training)
-    settings = make_settings(tmp_path / "state", bootstrap, prefix, training=values)
+    settings = make_settings(
+        tmp_path / "state", bootstrap, prefix, training=values, evaluation=evaluation or {}
+    )
     ensure_topics(settings, bootstrap)
     return settings
 
