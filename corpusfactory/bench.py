@@ -10,6 +10,12 @@
   trip (Kafka transport, batching windows, queueing); and each stage's share of
   the summed busy time.
 
+* ``bench train``: a fine-tuning run through the trainer's own path (``training.fit``
+  under DeepSpeed, the configured ZeRO stage) on the seed conversations: tokens/s of
+  the training loop, and MFU, the model FLOPs achieved (6 N per token plus
+  12 L d T for attention, N = the parameters that take part in matrix multiplies) over
+  this machine's measured matrix-multiply peak in the training precision.
+
 Figures are recorded in ``docs/benchmarks.md`` with the date and the command.
 """
 
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,17 +34,26 @@ from typing import Any
 from corpusfactory.settings import load_settings
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    """Best-of float32 GEMM throughput with torch on this machine's CPU threads."""
+def matmul_peak_gflops(
+    n: int = 2048, reps: int = 10, device: str = "cpu", dtype: str = "float32"
+) -> float:
+    """Best-of GEMM throughput with torch (CPU threads, or a GPU), in GFLOP/s."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    dt_ = getattr(torch, dtype)
+    if device != "cpu":
+        n = max(n, 8192)
+    a = torch.randn(n, n, device=device, dtype=dt_)
+    b = torch.randn(n, n, device=device, dtype=dt_)
     torch.matmul(a, b)  # warm-up
     best = 0.0
     for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
         best = max(best, 2.0 * n**3 / dt / 1e9)
     return best
@@ -140,8 +156,81 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def train_flops_per_token(config: Any, n_params: int, seq_len: int) -> float:
+    """6 N + 12 L d T: matmul parameters (input embeddings excluded unless tied to the
+    output layer, whose matmul they then are) plus attention scores and values."""
+    d = int(config.hidden_size)
+    layers = int(config.num_hidden_layers)
+    matmul_params = n_params
+    if not getattr(config, "tie_word_embeddings", False):
+        matmul_params -= int(config.vocab_size) * d
+    return 6.0 * matmul_params + 12.0 * layers * d * seq_len
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from corpusfactory.chatformat import ChatFormat
+    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.seeds import load_seeds
+    from training import dsconfig
+    from training.data import TrainingConversation
+    from training.service import run_fit, write_job
+
+    over: dict[str, Any] = {"max_steps": args.steps, "epochs": 1000.0, "warmup_steps": 1}
+    if args.seq_len:
+        over["seq_len"] = args.seq_len
+    if args.micro_batch:
+        over["micro_batch_size"] = args.micro_batch
+    s = load_settings(args.config, overrides={"training": over})
+    t = s.training
+    model = resolve_model(t.base_model, s.models.models_dir)
+    ds = dsconfig.resolve(dsconfig.load(t.deepspeed_config), t)
+    convs = [
+        TrainingConversation(c.id, "seed", c.messages)
+        for c in load_seeds(s.producer.seed_file, s.producer.seed_format)
+    ]
+    with tempfile.TemporaryDirectory(prefix="cf-bench-train-") as tmp:
+        staging = Path(tmp) / "out"
+        staging.mkdir()
+        job = Path(tmp) / "job"
+        fmt = ChatFormat(s.producer.user_tag, s.producer.assistant_tag)
+        write_job(job, "snap-00000-19700101T000000Z", model, staging, convs, t, ds, fmt)
+        started = time.perf_counter()
+        stats = run_fit([sys.executable, "-m", "training.fit", str(job)], job, staging)
+        wall = time.perf_counter() - started
+    config = AutoConfig.from_pretrained(model)
+    per_token = train_flops_per_token(config, int(stats["parameters"]), t.seq_len)
+    device = "cuda" if t.device.startswith("cuda") else "cpu"
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[t.precision]
+    peak = matmul_peak_gflops(device=device, dtype=dtype) * 1e9 * int(stats["world_size"])
+    achieved = float(stats["tokens_per_s"]) * per_token
+    return {
+        "benchmark": "train",
+        "model": t.base_model,
+        "parameters": stats["parameters"],
+        "deepspeed_config": t.deepspeed_config,
+        "zero_stage": stats["zero_stage"],
+        "precision": t.precision,
+        "seq_len": t.seq_len,
+        "micro_batch_size": t.micro_batch_size,
+        "steps": stats["steps"],
+        "tokens": stats["tokens"],
+        "tokens_per_s": stats["tokens_per_s"],
+        "train_loop_s": stats["train_seconds"],
+        "wall_s_with_startup": round(wall, 2),
+        "flops_per_token": per_token,
+        "achieved_gflops": round(achieved / 1e9, 2),
+        "peak_gflops": round(peak / 1e9, 2),
+        "mfu": round(achieved / peak, 4),
+        "loss": [stats["first_loss"], stats["final_loss"]],
+        "world_size": stats["world_size"],
+        "machine": _machine(),
+    }
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    fn = {"scorer": bench_scorer, "pipeline": bench_pipeline}[args.what]
+    fn = {"scorer": bench_scorer, "pipeline": bench_pipeline, "train": bench_train}[args.what]
     result = fn(args)
     result["date"] = time.strftime("%Y-%m-%d")
     text = json.dumps(result, indent=2)

@@ -275,13 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from corpusfactory.cli_training import add_commands
 
-    add_commands(add, _settings)
+    add_commands(add, _settings, _common)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
-    p.add_argument("what", choices=["pipeline", "scorer"], help="which benchmark")
+    p.add_argument("what", choices=["pipeline", "scorer", "train"], help="which benchmark")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--conversations", type=int, default=12, help="pipeline: conversations")
     p.add_argument("--messages", type=int, default=256, help="scorer: messages to score")
+    p.add_argument("--steps", type=int, default=20, help="train: optimizer steps")
+    p.add_argument("--seq-len", type=int, help="train: sequence length (default: settings)")
+    p.add_argument("--micro-batch", type=int, help="train: micro-batch size (default: settings)")
     return parser
 
 

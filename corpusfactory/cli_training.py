@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from corpusfactory.errors import UsageError
 from corpusfactory.settings import Settings
 
 SettingsFn = Callable[[argparse.Namespace], Settings]
@@ -65,7 +66,7 @@ def cmd_snapshots(args: argparse.Namespace, s: Settings) -> int:
     store = SnapshotStore(s.snapshots_path)
     if args.action == "show":
         if not args.id:
-            raise SystemExit("snapshots show needs a snapshot ID")
+            raise UsageError("snapshots show needs a snapshot ID")
         _print(store.describe(store.get(args.id)))
         return 0
     snaps = [store.describe(x) for x in store.all()]
@@ -97,8 +98,6 @@ def cmd_eval(args: argparse.Namespace, s: Settings) -> int:
         return 0
     from training.evaluation.runner import Evaluator
 
-    if not args.model:
-        raise SystemExit("eval run needs --model ID (a snapshot id, or 'base')")
     tasks = args.tasks.split(",") if args.tasks else None
     results = {
         task: res for task, res, _ in Evaluator(s).evaluate(args.model, tasks, force=args.force)
@@ -110,8 +109,6 @@ def cmd_eval(args: argparse.Namespace, s: Settings) -> int:
 def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
     from training.evaluation.tasks import evaluate_task_file
 
-    if not args.file or not args.kind:
-        raise SystemExit("eval metrics needs --kind KIND and a FILE")
     encoder = None
     if args.kind == "similarity":
         from corpusfactory.embedder import Embedder
@@ -122,9 +119,12 @@ def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
 
 
 def add_commands(
-    add: Callable[[str, Callable[[argparse.Namespace], int], str], Any], settings: SettingsFn
+    add: Callable[[str, Callable[[argparse.Namespace], int], str], Any],
+    settings: SettingsFn,
+    common: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Register the commands; ``settings`` builds the Settings from parsed arguments."""
+    """Register the commands; ``settings`` builds the Settings from parsed arguments and
+    ``common`` adds the shared options (--config, --state-dir) to a parser."""
 
     def bind(fn: Callable[[argparse.Namespace, Settings], int]) -> Callable[..., int]:
         return lambda args: fn(args, settings(args))
@@ -142,13 +142,16 @@ def add_commands(
     p.add_argument("--json", action="store_true", help="list: manifests and evaluations as JSON")
 
     p = add("eval", bind(cmd_eval), "Run an evaluation, compare models, or score a task file.")
-    p.add_argument("action", choices=["run", "compare", "metrics"], help="what to do")
-    p.add_argument("--model", help="run: a snapshot id, or 'base'")
-    p.add_argument("--tasks", help="run: comma-separated tasks (default: evaluation.tasks)")
-    p.add_argument("--force", action="store_true", help="run: redo tasks that have results")
-    p.add_argument("--json", action="store_true", help="compare: JSON rows instead of a table")
-    p.add_argument(
-        "--kind", choices=["classification", "similarity", "tags"], help="metrics: file kind"
-    )
-    p.add_argument("file", nargs="?", help="metrics: a JSONL task file")
-    p.add_argument("--embedder", help="metrics similarity: embedder (default models.embedder)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = actions.add_parser("run", help="evaluate a snapshot or the base model now")
+    run.add_argument("--model", required=True, help="a snapshot id, or 'base'")
+    run.add_argument("--tasks", help="comma-separated tasks (default: evaluation.tasks)")
+    run.add_argument("--force", action="store_true", help="redo tasks that have results")
+    cmp_ = actions.add_parser("compare", help="the table across the base model and snapshots")
+    cmp_.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    met = actions.add_parser("metrics", help="generic metrics of a JSONL task file")
+    met.add_argument("--kind", required=True, choices=["classification", "similarity", "tags"])
+    met.add_argument("file", help="the task file, one JSON object per line")
+    met.add_argument("--embedder", help="similarity: the embedder (default models.embedder)")
+    for sub in (run, cmp_, met):
+        common(sub)

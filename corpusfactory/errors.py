@@ -46,3 +46,7 @@ class GeneratorError(CorpusFactoryError):
 
 class SeedError(CorpusFactoryError):
     """A seed file could not be read or holds no usable conversation."""
+
+
+class UsageError(CorpusFactoryError):
+    """A command was called with arguments that do not fit together."""

@@ -52,7 +52,7 @@ from corpusfactory.contract import (
 from corpusfactory.errors import ContractError, CorpusFactoryError
 from corpusfactory.kafka_clients import kafka_python_kwargs
 from corpusfactory.models.demo import resolve_model
-from corpusfactory.settings import Settings
+from corpusfactory.settings import Settings, TrainingSettings
 from training import dsconfig
 from training.data import (
     TrainingConversation,
@@ -383,41 +383,14 @@ class Trainer:
         staging: Path,
         train: list[TrainingConversation],
     ) -> dict[str, Any]:
-        if job_dir.exists():
-            shutil.rmtree(job_dir)
-        job_dir.mkdir(parents=True)
-        write_jsonl(job_dir / "train.jsonl", train)
-        job = {
-            "snapshot_id": snap_id,
-            "init_from": init_from,
-            "output_dir": str(staging),
-            "data": "train.jsonl",
-            "training": self.t.model_dump(mode="json"),
-            "deepspeed": self.ds_config,
-            "chat_format": {"user_tag": self.fmt.user_tag, "assistant_tag": self.fmt.assistant_tag},
-        }
-        (job_dir / JOB).write_text(json.dumps(job, indent=2), encoding="utf-8")
+        write_job(job_dir, snap_id, init_from, staging, train, self.t, self.ds_config, self.fmt)
         cmd = self._command(job_dir)
         log.info("training %s on %d conversations: %s", snap_id, len(train), " ".join(cmd))
-        env = dict(os.environ)
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir()))
-        with (job_dir / "fit.log").open("w", encoding="utf-8") as out:
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
-                check=False,
-            )  # fmt: skip
-        if proc.returncode != 0:
-            tail = (job_dir / "fit.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+        try:
+            return run_fit(cmd, job_dir, staging)
+        except TrainingError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise TrainingError(
-                f"training {snap_id} failed with status {proc.returncode}; "
-                f"log: {job_dir / 'fit.log'}\n{tail}"
-            )
-        stats_path = staging / STATS
-        if not stats_path.is_file():
-            raise TrainingError(f"training {snap_id} exited 0 but wrote no {STATS}")
-        stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
-        return stats
+            raise
 
     # -- Kafka out --------------------------------------------------------------------------
 
@@ -446,6 +419,55 @@ class Trainer:
                 for p, off in positions.items()
             }
         )
+
+
+def write_job(
+    job_dir: Path,
+    snap_id: str,
+    init_from: str,
+    staging: Path,
+    train: list[TrainingConversation],
+    t: TrainingSettings,
+    ds_config: dict[str, Any],
+    fmt: ChatFormat,
+) -> None:
+    """The job directory ``training.fit`` reads: job.json and train.jsonl."""
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    job_dir.mkdir(parents=True)
+    write_jsonl(job_dir / "train.jsonl", train)
+    job = {
+        "snapshot_id": snap_id,
+        "init_from": init_from,
+        "output_dir": str(staging),
+        "data": "train.jsonl",
+        "training": t.model_dump(mode="json"),
+        "deepspeed": ds_config,
+        "chat_format": {"user_tag": fmt.user_tag, "assistant_tag": fmt.assistant_tag},
+    }
+    (job_dir / JOB).write_text(json.dumps(job, indent=2), encoding="utf-8")
+
+
+def run_fit(cmd: list[str], job_dir: Path, staging: Path) -> dict[str, Any]:
+    """Run ``training.fit`` as a child process (it dies with us); return its stats."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir()))
+    log_path = job_dir / "fit.log"
+    with log_path.open("w", encoding="utf-8") as out:
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
+            check=False,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise TrainingError(
+            f"training failed with status {proc.returncode}; log: {log_path}\n{tail}"
+        )
+    stats_path = staging / STATS
+    if not stats_path.is_file():
+        raise TrainingError(f"training exited 0 but wrote no {stats_path}")
+    stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
+    return stats
 
 
 def _manifest_ends(snap: Snapshot | None) -> dict[int, int]:
