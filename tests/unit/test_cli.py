@@ -10,7 +10,21 @@ import pytest
 
 from corpusfactory.cli import build_parser, main
 
-COMMANDS = ["broker", "worker", "produce", "score", "corpus", "index", "models", "demo", "bench"]
+COMMANDS = [
+    "broker",
+    "worker",
+    "produce",
+    "score",
+    "corpus",
+    "index",
+    "models",
+    "demo",
+    "bench",
+    "train",
+    "evaluate",
+    "snapshots",
+]
+EVAL_ACTIONS = ["run", "compare", "metrics"]
 
 
 def test_top_level_help_lists_every_command(capsys) -> None:
@@ -28,6 +42,38 @@ def test_every_command_has_help(cmd: str, capsys) -> None:
         main([cmd, "--help"])
     assert exc.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", EVAL_ACTIONS)
+def test_every_eval_action_has_help_and_the_common_options(action: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", action, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--state-dir" in out
+
+
+def test_eval_metrics_scores_a_task_file_in_any_argument_order(tmp_path, capsys) -> None:
+    src = tmp_path / "tags.jsonl"
+    # IoU = |{b}| / |{a, b, c}| = 1/3; intersection over truth = over model = 1/2.
+    src.write_text('{"id": 1, "prediction": ["a", "b"], "truth": ["b", "c"]}\n')
+    for argv in (["eval", "metrics", "--kind", "tags", str(src)],
+                 ["eval", "metrics", str(src), "--kind", "tags"]):  # fmt: skip
+        assert main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["n"] == 1 and out["iou"] == pytest.approx(1 / 3)
+        assert out["intersection_over_truth"] == 0.5
+
+
+def test_snapshots_on_an_empty_state_and_a_missing_id(tmp_path, capsys) -> None:
+    state = str(tmp_path / "state")
+    assert main(["snapshots", "list", "--json", "--state-dir", state]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["snapshots", "show", "snap-00009-20260101T000000Z", "--state-dir", state]) == 2
+    assert "no complete snapshot" in capsys.readouterr().err
+    assert main(["eval", "compare", "--json", "--state-dir", state]) == 0
+    (base,) = json.loads(capsys.readouterr().out)
+    assert base["model"].startswith("base") and base["squad_it_f1"] is None
 
 
 def test_bad_settings_exit_with_every_problem(tmp_path, capsys) -> None:
