@@ -303,18 +303,21 @@ class EvaluationSettings(_Section):
 
     @model_validator(mode="after")
     def _inputs(self) -> EvaluationSettings:
+        problems = []
         if "squad_it" in self.tasks and not self.squad_it_path:
-            raise ValueError("task squad_it needs squad_it_path")
+            problems.append("task squad_it needs squad_it_path")
         missing = [
             t
             for t in ("ami2020", "ironita2018", "sentipolc2014")
             if t in self.tasks and t not in self.evalita
         ]
         if missing:
-            raise ValueError(f"tasks {missing} need evalita.<task>.train/test files")
+            problems.append(f"tasks {missing} need evalita.<task>.train/test files")
         unknown = sorted(set(self.evalita) - {"ami2020", "ironita2018", "sentipolc2014"})
         if unknown:
-            raise ValueError(f"unknown evalita tasks {unknown}")
+            problems.append(f"unknown evalita tasks {unknown}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -139,27 +139,34 @@ def tokenize(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation in the chat format, ending in EOS.
 
-    The rendered text equals ``fmt.render(messages)``; each turn is tokenized on its
-    own (with the newline that separates it from the previous one) so its tokens can
-    be labelled. With ``loss_on="assistant"`` only assistant texts and the final EOS
-    carry labels.
+    The text is ``fmt.render(messages)``, tokenized whole: tokenizing turns one by one
+    would change the text with tokenizers that mark word starts (SentencePiece's
+    ``▁`` before every piece). Labels come from the tokens' character offsets: with
+    ``loss_on="assistant"`` only tokens overlapping an assistant turn's text (and the
+    final EOS) carry labels.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, msg in enumerate(messages):
-        tag = fmt.tag(msg.role)
-        head = ("\n" if i else "") + tag
-        head_ids = tokenizer(head, add_special_tokens=(i == 0), verbose=False)["input_ids"]
-        text_ids = tokenizer(" " + msg.text.strip(), add_special_tokens=False, verbose=False)[
-            "input_ids"
+    text = fmt.render(messages)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+    ids: list[int] = list(enc["input_ids"])
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for i, msg in enumerate(messages):
+            head = f"{fmt.tag(msg.role)} "
+            start = pos + len(head)
+            end = start + len(msg.text.strip())
+            if msg.role == "assistant":
+                spans.append((start, end))
+            pos = end + 1  # the newline between turns
+            assert i == len(messages) - 1 or text[end] == "\n", "render layout changed"
+        labels = [
+            tok if any(s < b and a < e for s, e in spans) and b > a else IGNORE_INDEX
+            for tok, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
         ]
-        learn_text = loss_on == "all" or msg.role == "assistant"
-        ids += head_ids + text_ids
-        labels += (head_ids if loss_on == "all" else [IGNORE_INDEX] * len(head_ids)) + (
-            text_ids if learn_text else [IGNORE_INDEX] * len(text_ids)
-        )
     eos = tokenizer.eos_token_id
-    if eos is not None:
+    if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
         labels.append(eos)
     return ids, labels

@@ -74,13 +74,22 @@ def resolve(raw: dict[str, Any], t: TrainingSettings) -> dict[str, Any]:
     left = _autos(cfg)
     if left:
         problems.append(f"'auto' is not supported for {', '.join(left)}")
+    for section in ("zero_optimization", "bf16", "fp16", "optimizer"):
+        if section in cfg and not isinstance(cfg[section], dict):
+            problems.append(f"'{section}' must be an object, got {cfg[section]!r}")
+            cfg[section] = {}
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage must be 0-3, got {stage!r}")
     if t.device == "cpu" and t.precision != "fp32":
         problems.append("training.precision must be fp32 on CPU")
-    if t.precision == "bf16" and not cfg.get("bf16", {}).get("enabled"):
-        problems.append("training.precision is bf16 but the config has bf16 disabled")
+    enabled = {k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled")}
+    wanted = {t.precision} & {"bf16", "fp16"}
+    if enabled != wanted:
+        problems.append(
+            f"training.precision is {t.precision} but the config enables "
+            f"{', '.join(sorted(enabled)) or 'neither bf16 nor fp16'}"
+        )
     if problems:
         raise ConfigError([f"DeepSpeed config: {p}" for p in problems])
     return cfg

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 CONVERSATIONS = "conversations.txt"
 HELDOUT = "heldout.jsonl"
 BASE_ID = "base"
-_ID = re.compile(r"^snap-(\d{5})-\d{8}T\d{6}Z$")
+_ID = re.compile(r"snap-(\d{5})-\d{8}T\d{6}Z")
 
 
 class SnapshotError(CorpusFactoryError):
@@ -94,7 +94,7 @@ class SnapshotStore:
 
     def staging(self, snapshot_id: str) -> Path:
         """A fresh staging directory for ``snapshot_id`` (emptied if it exists)."""
-        if not _ID.match(snapshot_id):
+        if not _ID.fullmatch(snapshot_id):
             raise SnapshotError(f"bad snapshot id {snapshot_id!r}")
         tmp = self.root / f".tmp-{snapshot_id}"
         if tmp.exists():
@@ -129,10 +129,14 @@ class SnapshotStore:
         return self.get(snapshot_id)
 
     def cleanup_partial(self) -> list[str]:
-        """Delete staging directories and snapshots without a marker; return their names."""
+        """Delete staging directories and snapshots without a marker; return their names.
+
+        Only snapshot-named entries are touched (``snap-…``, ``.tmp-snap-…``)."""
         removed: list[str] = []
         for child in sorted(self.root.iterdir()):
-            if not child.is_dir() or child.name == BASE_ID:
+            # Only our own names: the directory may be shared with other things.
+            name = child.name.removeprefix(".tmp-")
+            if not child.is_dir() or not _ID.fullmatch(name):
                 continue
             if child.name.startswith(".tmp-") or not (child / MARKER).is_file():
                 shutil.rmtree(child)
@@ -145,7 +149,7 @@ class SnapshotStore:
         """Complete snapshots, oldest first."""
         out = []
         for child in self.root.iterdir():
-            if child.is_dir() and _ID.match(child.name) and (child / MARKER).is_file():
+            if child.is_dir() and _ID.fullmatch(child.name) and (child / MARKER).is_file():
                 out.append(self._load(child))
         return sorted(out, key=lambda s: (s.seq, s.id))
 
@@ -155,7 +159,7 @@ class SnapshotStore:
 
     def get(self, snapshot_id: str) -> Snapshot:
         path = self.root / snapshot_id
-        if not _ID.match(snapshot_id) or not (path / MARKER).is_file():
+        if not _ID.fullmatch(snapshot_id) or not (path / MARKER).is_file():
             known = ", ".join(s.id for s in self.all()) or "none"
             raise SnapshotError(f"no complete snapshot {snapshot_id!r} (known: {known})")
         return self._load(path)

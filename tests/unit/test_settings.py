@@ -101,3 +101,21 @@ def test_unknown_environment_setting_is_an_error() -> None:
 def test_topic_prefix() -> None:
     s = load_settings(None, environ={}, overrides={"kafka": {"topic_prefix": "x."}})
     assert s.topic("turns.candidates") == "x.turns.candidates"
+
+
+def test_evaluation_settings_report_every_problem_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            None,
+            environ={},
+            overrides={
+                "evaluation": {
+                    "tasks": ["squad_it", "ami2020"],
+                    "evalita": {"x": {"train": "a", "test": "b"}},
+                }
+            },
+        )
+    text = str(err.value)
+    assert "squad_it needs squad_it_path" in text
+    assert "['ami2020'] need evalita" in text
+    assert "unknown evalita tasks ['x']" in text

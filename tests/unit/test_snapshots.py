@@ -124,7 +124,7 @@ def test_publish_accepts_bin_weights(tmp_path: Path) -> None:
 def test_publish_refuses_without_manifest(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
     _stage(store, _sid(1), manifest=False)
-    with pytest.raises(SnapshotError, match=f"has no {MANIFEST}"):
+    with pytest.raises(SnapshotError, match=re.escape(f"has no {MANIFEST}")):
         store.publish(_sid(1))
     assert (tmp_path / f".tmp-{_sid(1)}").is_dir()  # left as it was
     assert not (tmp_path / _sid(1)).exists()
@@ -329,3 +329,13 @@ def test_kill_between_rename_and_marker_leaves_nothing_visible(tmp_path: Path) -
     # The id is free again: a retry publishes.
     _stage(store, sid)
     assert store.publish(sid).id == sid
+
+
+def test_cleanup_leaves_foreign_directories_and_ids_must_match_whole(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    (tmp_path / "jobs").mkdir()  # not ours: a shared directory may hold anything
+    (tmp_path / ".tmp-other").mkdir()
+    assert store.cleanup_partial() == []
+    assert (tmp_path / "jobs").is_dir() and (tmp_path / ".tmp-other").is_dir()
+    with pytest.raises(SnapshotError):
+        store.staging("snap-00001-20260101T000000Z\n")

@@ -154,7 +154,18 @@ def test_resolve_rejects_a_bad_stage_and_disabled_bf16() -> None:
     text = "\n".join(err.value.problems)
     assert len(err.value.problems) == 2
     assert "stage must be 0-3, got 4" in text
-    assert "bf16 disabled" in text
+    assert "precision is bf16 but the config enables neither bf16 nor fp16" in text
+
+
+def test_resolve_checks_fp16_and_fp32_against_the_config_and_malformed_sections() -> None:
+    with pytest.raises(ConfigError, match="precision is fp16 but the config enables neither"):
+        dsconfig.resolve(dsconfig.load("cpu"), TrainingSettings(device="cuda", precision="fp16"))
+    forced = dsconfig.load("zero1")
+    forced["bf16"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="precision is fp32 but the config enables bf16"):
+        dsconfig.resolve(forced, TrainingSettings(device="cuda", precision="fp32"))
+    with pytest.raises(ConfigError, match="'zero_optimization' must be an object"):
+        dsconfig.resolve({"zero_optimization": 1}, TrainingSettings())
 
 
 def test_a_config_without_zero_section_is_stage_0() -> None:
@@ -177,7 +188,7 @@ def test_load_errors_are_config_errors(tmp_path: Path) -> None:
         dsconfig.load("zero4")
     broken = tmp_path / "broken.json"
     broken.write_text("{")
-    with pytest.raises(ConfigError, match="broken.json"):
+    with pytest.raises(ConfigError, match=r"broken\.json"):
         dsconfig.load(str(broken))
     listed = tmp_path / "list.json"
     listed.write_text("[1]")

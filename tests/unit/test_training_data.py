@@ -359,3 +359,36 @@ def test_blocks_from_real_tokens(tokenizer: Any) -> None:
     assert len(blocks) == expected
     text = tokenizer.decode([t for b in blocks for t in b.input_ids], skip_special_tokens=True)
     assert text.count("brodo di zirconio") == 3
+
+
+def test_tokenize_keeps_the_rendered_text_with_a_sentencepiece_style_tokenizer() -> None:
+    # Llama/Mistral tokenizers mark word starts with "▁"; tokenizing turn by turn would
+    # add one before every "\n[|...|]" head. The whole rendered text must come back.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fmt = ChatFormat()
+    convs = [
+        [
+            Message("user", "Che cos'è lo zirconio?"),
+            Message("assistant", "Lo zirconio è un metallo."),
+        ],
+        [Message("user", "Grazie mille!"), Message("assistant", "Prego, a presto.")],
+    ]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>", fmt.user_tag, fmt.assistant_tag]
+    raw.train_from_iterator(
+        [fmt.render(c) for c in convs] * 3,
+        trainers.BpeTrainer(vocab_size=200, special_tokens=specials),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    for conv in convs:
+        ids, labels = tokenize(tok, conv, fmt, loss_on="assistant")
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[:-1]) == fmt.render(conv)
+        learned = [t for t, lab in zip(ids[:-1], labels[:-1], strict=True) if lab != IGNORE_INDEX]
+        assert tok.decode(learned).strip() == conv[1].text
