@@ -18,6 +18,7 @@ corpus.accepted      AcceptedConversation                             conversati
 turns.deadletter     DeadLetter                                       original key
 models.snapshots     SnapshotPublished (1 partition)                  snapshot_id
 models.evaluations   EvaluationPublished (1 partition)                model id
+models.builds        BuildPublished (1 partition)                     snapshot_id
 ==================== =============================================== ==================
 
 Decoding is strict: ``decode(kind, raw_bytes)`` raises ``ContractError`` with a
@@ -45,9 +46,12 @@ ACCEPTED = "corpus.accepted"
 DEADLETTER = "turns.deadletter"
 SNAPSHOTS = "models.snapshots"
 EVALUATIONS = "models.evaluations"
-ALL_TOPICS = (CANDIDATES, SCORED, DECISIONS, ACCEPTED, DEADLETTER, SNAPSHOTS, EVALUATIONS)
+BUILDS = "models.builds"
+ALL_TOPICS = (
+    CANDIDATES, SCORED, DECISIONS, ACCEPTED, DEADLETTER, SNAPSHOTS, EVALUATIONS, BUILDS,
+)  # fmt: skip
 # Low-volume topics whose order matters more than their throughput.
-SINGLE_PARTITION_TOPICS = (SCORED, SNAPSHOTS, EVALUATIONS)
+SINGLE_PARTITION_TOPICS = (SCORED, SNAPSHOTS, EVALUATIONS, BUILDS)
 
 ROLES = ("user", "assistant")
 
@@ -187,6 +191,19 @@ class EvaluationPublished(_Record):
     results: dict[str, Any]
     path: str  # the results file, next to its per-item predictions
     evaluated_at: float = 0.0
+
+
+class BuildPublished(_Record):
+    """A GGUF build of a snapshot and its quality gate (published only if it passed)."""
+
+    schema_version: int
+    snapshot_id: str
+    quant: str  # "F16", "Q8_0", "Q4_K_M", ...
+    path: str
+    size_bytes: int
+    gate: dict[str, Any]
+    published: bool
+    built_at: float = 0.0
 
 
 R = TypeVar("R", bound=_Record)
@@ -344,6 +361,14 @@ def decode_evaluation(raw: bytes | None) -> EvaluationPublished:
     if not isinstance(fields["results"], dict):
         raise ContractError("evaluation announcement: 'results' must be an object")
     return EvaluationPublished(**fields)
+
+
+def decode_build(raw: bytes | None) -> BuildPublished:
+    data = decode_json(raw, "build announcement")
+    fields = _check_fields(BuildPublished, data, "build announcement")
+    if not isinstance(fields["gate"], dict):
+        raise ContractError("build announcement: 'gate' must be an object")
+    return BuildPublished(**fields)
 
 
 def _bad_turn() -> AcceptedTurn:

@@ -1,0 +1,1 @@
+"""GGUF: conversion of Hugging Face Llama/Mistral models, quantization, the quality gate."""
