@@ -118,6 +118,48 @@ def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace, s: Settings) -> int:
+    from serving.builder import Builder
+
+    bootstrap = None
+    if not args.no_announce:
+        from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+
+        bootstrap = resolve_bootstrap(s, start_embedded=False)
+        ensure_topics(s, bootstrap)
+    builder = Builder(s, bootstrap)
+    if args.snapshot:
+        made = builder.build(builder.snapshots.get(args.snapshot))
+    elif args.once or bootstrap is None:
+        made = builder.build_all()
+    else:
+        print("builder ready", flush=True)
+        builder.follow(_stop_on_signals())
+        return 0
+    _print([b.describe() for b in made])
+    return 0
+
+
+def cmd_builds(args: argparse.Namespace, s: Settings) -> int:
+    from serving.builder import list_builds
+
+    builds = list_builds(s)
+    if args.json:
+        _print(builds)
+        return 0
+    if not builds:
+        print(f"no builds in {s.builds_path}")
+    for b in builds:
+        g = b["gate"]
+        print(
+            f"{b['snapshot']}  {b['quant']:<7} {b['size_bytes']:>12,d} B  "
+            f"KL={g.get('kl_mean', float('nan')):.4g} top1={g.get('top1_agreement', 0):.3f} "
+            f"ppl{g.get('ppl_delta_pct', 0):+.2f}%  "
+            + ("published" if b["published"] else "held back")
+        )
+    return 0
+
+
 def add_commands(
     add: Callable[[str, Callable[[argparse.Namespace], int], str], Any],
     settings: SettingsFn,
@@ -140,6 +182,17 @@ def add_commands(
     p.add_argument("action", choices=["list", "show"], help="what to do")
     p.add_argument("id", nargs="?", help="show: the snapshot id")
     p.add_argument("--json", action="store_true", help="list: manifests and evaluations as JSON")
+
+    p = add("build", bind(cmd_build), "GGUF builds (f16 + quantized) of snapshots, gated.")
+    p.add_argument("--once", action="store_true", help="build what is missing, then exit")
+    p.add_argument("--snapshot", help="build this snapshot only")
+    p.add_argument(
+        "--no-announce", action="store_true", help="do not announce on models.builds (no Kafka)"
+    )
+
+    p = add("builds", bind(cmd_builds), "List GGUF builds with their gate figures.")
+    p.add_argument("action", choices=["list"], help="what to do")
+    p.add_argument("--json", action="store_true", help="JSON list")
 
     p = add("eval", bind(cmd_eval), "Run an evaluation, compare models, or score a task file.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")

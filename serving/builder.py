@@ -1,0 +1,175 @@
+"""The builder: every new snapshot -> GGUF builds that pass their quality gate.
+
+Run it with ``corpusfactory build`` (a service following ``models.snapshots``) or
+``corpusfactory build --once [--snapshot ID]``. For each complete snapshot without
+builds it converts the weights to GGUF f16 (``serving.gguf.convert``), quantizes them
+to every ``serving.quants`` type with llama.cpp's quantizer (``serving.gguf.quantize``),
+and gates every build against the full-precision snapshot (``serving.gguf.gate``) on
+held-out text: the snapshot's held-out conversations, or the seed conversations when it
+has none. Each build is recorded (``builds.BuildStore``) and announced on
+``models.builds``, published only if it passed; the serving processes follow that topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from corpusfactory.chatformat import ChatFormat
+from corpusfactory.contract import (
+    BUILDS,
+    SCHEMA_VERSION,
+    SNAPSHOTS,
+    BuildPublished,
+    decode_snapshot,
+    encode,
+)
+from corpusfactory.errors import ContractError
+from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.seeds import load_seeds
+from corpusfactory.settings import Settings
+from serving.builds import Build, BuildStore
+from training.data import read_jsonl
+from training.snapshots import HELDOUT, Snapshot, SnapshotError, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class Builder:
+    def __init__(self, settings: Settings, bootstrap: str | None = None) -> None:
+        self.s = settings
+        self.bootstrap = bootstrap
+        self.snapshots = SnapshotStore(settings.snapshots_path)
+        self.builds = BuildStore(settings.builds_path)
+        self.fmt = ChatFormat(settings.producer.user_tag, settings.producer.assistant_tag)
+
+    def quants(self) -> list[str]:
+        return ["F16", *[q for q in self.s.serving.quants if q != "F16"]]
+
+    def missing(self, snap: Snapshot) -> list[str]:
+        have = self.builds.for_snapshot(snap.id)
+        return [q for q in self.quants() if q not in have]
+
+    def gate_texts(self, snap: Snapshot) -> tuple[list[str], str]:
+        n = self.s.serving.gate_texts
+        held = snap.path / HELDOUT
+        convs = [c.messages for c in read_jsonl(held)][:n] if held.is_file() else []
+        if convs:
+            return [self.fmt.render(m) for m in convs], "heldout"
+        p = self.s.producer
+        seeds = load_seeds(p.seed_file, p.seed_format)[:n]
+        return [self.fmt.render(c.messages) for c in seeds], "seeds"
+
+    def build(self, snap: Snapshot) -> list[Build]:
+        """Convert, quantize and gate what is missing for ``snap``; return the new builds."""
+        from serving.gguf.convert import convert_hf_to_gguf
+        from serving.gguf.gate import gate
+        from serving.gguf.quantize import quantize
+
+        todo = self.missing(snap)
+        if not todo:
+            return []
+        texts, text_source = self.gate_texts(snap)
+        f16 = self.builds.gguf_path(snap.id, "F16")
+        if not f16.is_file():
+            log.info("converting %s to GGUF f16", snap.id)
+            convert_hf_to_gguf(snap.path, f16, out_type="f16")
+        out: list[Build] = []
+        for quant in todo:
+            started = time.perf_counter()
+            path = f16 if quant == "F16" else self.builds.gguf_path(snap.id, quant)
+            if quant != "F16":
+                quantize(f16, path, quant)
+            budget = self.s.serving.gate_budgets[quant]
+            figures = gate(
+                snap.path, path, texts, budget, max_tokens=self.s.serving.gate_max_tokens
+            )
+            figures["text_source"] = text_source
+            build = self.builds.record(
+                snap.id,
+                quant,
+                {
+                    "gate": figures,
+                    "published": bool(figures["passed"]),
+                    "built_at": time.time(),
+                    "build_seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+            log.info(
+                "%s %s: %d bytes, KL %.4g, top-1 %.3f, ppl %+.2f%% -> %s",
+                snap.id, quant, build.record["size_bytes"], figures["kl_mean"],
+                figures["top1_agreement"], figures["ppl_delta_pct"],
+                "published" if build.published else "HELD BACK (outside its gate budget)",
+            )  # fmt: skip
+            self._announce(build)
+            out.append(build)
+        return out
+
+    def build_all(self) -> list[Build]:
+        """Builds for every complete snapshot that lacks some (oldest first)."""
+        self.builds.cleanup_partial()
+        out: list[Build] = []
+        for snap in self.snapshots.all():
+            out += self.build(snap)
+        return out
+
+    def _announce(self, build: Build) -> None:
+        if self.bootstrap is None:
+            return
+        producer = KafkaProducer(**kafka_python_kwargs(self.s.kafka, self.bootstrap), acks="all")
+        try:
+            record = BuildPublished(
+                schema_version=SCHEMA_VERSION,
+                snapshot_id=build.snapshot,
+                quant=build.quant,
+                path=str(build.path),
+                size_bytes=int(build.record["size_bytes"]),
+                gate=build.record["gate"],
+                published=build.published,
+                built_at=float(build.record["built_at"]),
+            )
+            producer.send(self.s.topic(BUILDS), key=build.snapshot.encode(), value=encode(record))
+            producer.flush(timeout=30)
+        finally:
+            producer.close()
+
+    def follow(self, stop: threading.Event) -> int:
+        """Catch up, then build each snapshot announced on ``models.snapshots``."""
+        assert self.bootstrap is not None, "following needs Kafka"
+        made = len(self.build_all())
+        group = f"{self.s.kafka.topic_prefix}{self.s.serving.builder_group_id}"
+        consumer = KafkaConsumer(
+            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",  # earlier snapshots were caught up above
+        )
+        tp = TopicPartition(self.s.topic(SNAPSHOTS), 0)
+        consumer.assign([tp])
+        try:
+            while not stop.is_set():
+                for records in consumer.poll(timeout_ms=1000).values():
+                    for rec in records:
+                        made += self._handle(rec.value)
+                        consumer.commit({tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+        finally:
+            consumer.close(autocommit=False)
+        return made
+
+    def _handle(self, raw: bytes | None) -> int:
+        try:
+            ann = decode_snapshot(raw)
+            snap = self.snapshots.get(ann.snapshot_id)
+        except (ContractError, SnapshotError) as exc:
+            log.error("skipping a snapshot announcement: %s", exc)
+            return 0
+        return len(self.build(snap))
+
+
+def list_builds(settings: Settings) -> list[dict[str, Any]]:
+    return [b.describe() for b in BuildStore(settings.builds_path).all()]
