@@ -16,9 +16,24 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup venv jars models demo test check format clean-state
+.PHONY: setup venv jars models system demo test check format clean-state
 
-setup: venv jars models
+setup: venv jars models system
+
+# Programs from the system's packages: Chromium (the web chat page is tested in it,
+# headless). Installed with apt-get when missing and allowed (root), else explained.
+SYSTEM_PACKAGES := chromium
+system:
+	@mkdir -p .state; missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing system packages:$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >.state/apt.log 2>&1 \
+				|| { apt-get update -q >>.state/apt.log 2>&1 && \
+				     DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >>.state/apt.log 2>&1; } \
+				|| { cat .state/apt.log; exit 1; }; \
+		else echo "missing system packages:$$missing (install them, e.g. apt-get install$$missing)"; exit 1; fi; \
+	fi
 
 # The cached environment is complete only once its marker exists: an interrupted
 # install is started again from scratch. Its path carries the lock's hash, so the
