@@ -5,8 +5,8 @@ Run it with ``corpusfactory build`` (a service following ``models.snapshots``) o
 builds it converts the weights to GGUF f16 (``serving.gguf.convert``), quantizes them
 to every ``serving.quants`` type with llama.cpp's quantizer (``serving.gguf.quantize``),
 and gates every build against the full-precision snapshot (``serving.gguf.gate``) on
-held-out text: the snapshot's held-out conversations, or the seed conversations when it
-has none. Each build is recorded (``builds.BuildStore``) and announced on
+held-out text: the snapshot's held-out conversations, topped up with seed conversations
+to ``serving.gate_texts``. Each build is recorded (``builds.BuildStore``) and announced on
 ``models.builds``, published only if it passed; the serving processes follow that topic.
 """
 
@@ -56,14 +56,16 @@ class Builder:
         return [q for q in self.quants() if q not in have]
 
     def gate_texts(self, snap: Snapshot) -> tuple[list[str], str]:
+        """Up to ``serving.gate_texts`` texts: the snapshot's held-out conversations first,
+        topped up with seed conversations (a young corpus holds out only a few)."""
         n = self.s.serving.gate_texts
         held = snap.path / HELDOUT
         convs = [c.messages for c in read_jsonl(held)][:n] if held.is_file() else []
-        if convs:
-            return [self.fmt.render(m) for m in convs], "heldout"
+        texts = [self.fmt.render(m) for m in convs]
         p = self.s.producer
-        seeds = load_seeds(p.seed_file, p.seed_format)[:n]
-        return [self.fmt.render(c.messages) for c in seeds], "seeds"
+        seeds = load_seeds(p.seed_file, p.seed_format)[: n - len(texts)]
+        texts += [self.fmt.render(c.messages) for c in seeds]
+        return texts, f"heldout:{len(convs)}+seeds:{len(seeds)}"
 
     def build(self, snap: Snapshot) -> list[Build]:
         """Convert, quantize and gate what is missing for ``snap``; return the new builds."""
