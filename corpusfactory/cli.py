@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     from corpusfactory.cli_training import add_commands
 
     add_commands(add, _settings, _common)
+    from corpusfactory.cli_serving import add_commands as add_serving
+
+    add_serving(add, _settings)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
     p.add_argument("what", choices=["pipeline", "scorer", "train"], help="which benchmark")

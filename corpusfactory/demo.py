@@ -8,7 +8,8 @@ shards, fine-tune a snapshot of the demo generator on the new conversations
 (DeepSpeed on CPU), evaluate it and the base model (a SQuAD-it subset, held-out
 perplexity, MLM-NLL of its generations), and print what happened: conversations
 accepted, turns accepted and rejected by reason, NLL quantiles, throughput, and
-the evaluation table.
+the evaluation table; then convert the snapshot to GGUF, quantize it (Q8_0,
+Q4_K_M), gate each build, and print one chat answer from the Q4_K_M build.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
 def run_training(settings: Settings) -> dict[str, Any]:
     """Train one snapshot on what is new in corpus.accepted, then evaluate what is waiting."""
     from corpusfactory.kafka_clients import resolve_bootstrap
+    from serving.builder import Builder
     from training.evaluation.compare import compare_rows, render_table
     from training.evaluation.service import EvaluatorService
     from training.service import Trainer
@@ -95,14 +97,47 @@ def run_training(settings: Settings) -> dict[str, Any]:
     with EvaluatorService(settings, bootstrap) as evaluator:
         evaluator.run(once=True)
     t2 = time.perf_counter()
+    builds = Builder(settings, bootstrap).build_all()
+    t3 = time.perf_counter()
     rows = compare_rows(settings)
     return {
         "snapshot": snap.id if snap else None,
         "manifest": snap.manifest if snap else None,
         "evaluation": rows,
         "table": render_table(rows),
-        "timing_s": {"train": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)},
+        "builds": [b.describe() for b in builds],
+        "chat": _chat_once(settings),
+        "timing_s": {
+            "train": round(t1 - t0, 2),
+            "evaluate": round(t2 - t1, 2),
+            "build": round(t3 - t2, 2),
+        },
     }
+
+
+DEMO_QUESTION = "Ciao! Mi consigli un libro da leggere questa estate?"
+
+
+def _chat_once(settings: Settings) -> dict[str, str] | None:
+    """One answer from the newest published build of serving.quant, as `chat` gives it."""
+    import io
+
+    from corpusfactory.chatformat import ChatFormat
+    from serving.backends import GenerationParams
+    from serving.chat import open_model, reply
+    from serving.follow import newest
+    from serving.server.prompts import chat_stops
+
+    if newest(settings, "gguf") is None:
+        return None
+    fmt = ChatFormat(settings.producer.user_tag, settings.producer.assistant_tag)
+    backend = open_model(settings, None)
+    try:
+        params = GenerationParams(max_tokens=48, temperature=0.0, stop=chat_stops(fmt, ()))
+        answer = reply(backend, [("user", DEMO_QUESTION)], fmt, params, io.StringIO())
+    finally:
+        backend.close()
+    return {"model": backend.id, "question": DEMO_QUESTION, "answer": answer}
 
 
 def _training_summary(result: dict[str, Any]) -> str:
@@ -115,8 +150,20 @@ def _training_summary(result: dict[str, Any]) -> str:
             f"conversations, {m['steps']} steps, loss {m['first_loss']} -> {m['final_loss']}, "
             f"{m['tokens_per_s']} tokens/s"
         )
-    return "\n".join([head, f"  timing (s)                  {result['timing_s']}", "",
-                      result["table"], ""])  # fmt: skip
+    lines = [head]
+    for b in result["builds"]:
+        g = b["gate"]
+        lines.append(
+            f"  build {b['quant']:<21} {b['size_bytes']:,d} bytes, "
+            f"KL {g['kl_mean']:.2g}, "
+            f"top-1 {g['top1_agreement']:.3f}, ppl {g['ppl_delta_pct']:+.2f}% -> "
+            + ("published" if b["published"] else "held back")
+        )
+    chat = result["chat"]
+    if chat:
+        lines += [f"  chat ({chat['model']})", f"    > {chat['question']}", f"    {chat['answer']}"]
+    lines += [f"  timing (s)                  {result['timing_s']}", "", result["table"], ""]
+    return "\n".join(lines)
 
 
 def _summary(result: dict[str, Any]) -> str:

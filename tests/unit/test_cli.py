@@ -23,6 +23,10 @@ COMMANDS = [
     "train",
     "evaluate",
     "snapshots",
+    "build",
+    "builds",
+    "serve",
+    "chat",
 ]
 EVAL_ACTIONS = ["run", "compare", "metrics"]
 
