@@ -281,13 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving(add, _settings)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
-    p.add_argument("what", choices=["pipeline", "scorer", "train"], help="which benchmark")
+    p.add_argument("what", choices=["pipeline", "scorer", "serve", "train"], help="which benchmark")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--conversations", type=int, default=12, help="pipeline: conversations")
     p.add_argument("--messages", type=int, default=256, help="scorer: messages to score")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps")
     p.add_argument("--seq-len", type=int, help="train: sequence length (default: settings)")
     p.add_argument("--micro-batch", type=int, help="train: micro-batch size (default: settings)")
+    p.add_argument(
+        "--model",
+        default="demo:generator",
+        help="serve: the Hugging Face model directory (default: the demo generator)",
+    )
+    p.add_argument(
+        "--quants", default="F16,Q8_0,Q4_K_M", help="serve: GGUF builds, comma-separated"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=256, help="serve: prompt length")
+    p.add_argument("--decode-tokens", type=int, default=128, help="serve: tokens decoded")
+    p.add_argument("--repeats", type=int, default=3, help="serve: runs of each, best kept")
     return parser
 
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import base64
 import random
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,8 +33,9 @@ from serving.backends import (
     vllm_available,
 )
 from serving.backends.transformers_backend import TransformersBackend
-from serving.server import ModelRegistry, UnsafeBindError, check_bind, create_app, run_server
+from serving.server import ModelRegistry, UnsafeBindError, check_bind, run_server
 from serving.server.prompts import ChatRequestError, ReplyTidier, build_chat_prompt
+from tests.unit.server_util import serve, wait_for
 
 KEY = "s3cret-key"
 FMT = ChatFormat()
@@ -49,33 +46,6 @@ CHAT: list[ChatCompletionMessageParam] = [
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@contextmanager
-def serve(registry: ModelRegistry, settings: ServingSettings) -> Iterator[str]:
-    """A real uvicorn server in a thread, on a loopback socket we bound (no port race)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 30, "server start")
-    assert server.started, "the server did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def client(url: str, key: str | None = KEY) -> OpenAI:
