@@ -65,6 +65,7 @@ REASONS = (
     "empty",
     "too_long",
     "wrong_language",
+    "contaminated",
 )
 
 

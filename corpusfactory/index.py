@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 REF_MAX = 512
 KIND_SEED = "seed"
 KIND_TURN = "turn"
+KIND_EVAL = "eval"
 
 
 def pk_for(ref: str) -> int:
@@ -77,6 +78,13 @@ class VectorIndex:
             if not self._client.has_collection(self.log_collection):
                 self._create_log()
             self._client.load_collection(self.log_collection)
+            # The reserved part: evaluation items a turn must not come close to
+            # (decontamination). Apart from the main collection, so a turn's nearest
+            # neighbour for the diversity filter is never an evaluation item.
+            self.reserved_collection = f"{collection}_reserved"
+            if not self._client.has_collection(self.reserved_collection):
+                self._create(index_type, self.reserved_collection)
+            self._client.load_collection(self.reserved_collection)
         except VectorIndexError:
             raise
         except Exception as exc:
@@ -87,7 +95,7 @@ class VectorIndex:
         m = settings.milvus
         return cls(index_uri(settings), m.collection, dim, token=m.token, index_type=m.index_type)
 
-    def _create(self, index_type: str) -> None:
+    def _create(self, index_type: str, name: str | None = None) -> None:
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -98,7 +106,7 @@ class VectorIndex:
         params = self._client.prepare_index_params()
         params.add_index(field_name="vec", index_type=index_type, metric_type="COSINE")
         self._client.create_collection(
-            self.collection, schema=schema, index_params=params, consistency_level="Strong"
+            name or self.collection, schema=schema, index_params=params, consistency_level="Strong"
         )
 
     def _create_log(self) -> None:
@@ -162,8 +170,11 @@ class VectorIndex:
                         "(milvus.collection) or a fresh state directory"
                     )
 
+    def _name(self, reserved: bool) -> str:
+        return self.reserved_collection if reserved else self.collection
+
     def search(
-        self, vectors: np.ndarray, exclude: Sequence[str] | None = None
+        self, vectors: np.ndarray, exclude: Sequence[str] | None = None, reserved: bool = False
     ) -> list[Neighbour | None]:
         """Nearest stored neighbour by cosine for each row, skipping ``exclude[i]`` itself.
 
@@ -174,7 +185,7 @@ class VectorIndex:
             return []
         try:
             res = self._client.search(
-                self.collection,
+                self._name(reserved),
                 data=[v.tolist() for v in vectors],
                 limit=2,
                 output_fields=["ref"],  # never ask for vectors: that costs ~100 ms a search
@@ -192,13 +203,13 @@ class VectorIndex:
             )
         return out
 
-    def existing(self, refs: Sequence[str]) -> set[str]:
+    def existing(self, refs: Sequence[str], reserved: bool = False) -> set[str]:
         """Which of these references already have a vector (replay detection)."""
         if not refs:
             return set()
         try:
             rows = self._client.query(
-                self.collection,
+                self._name(reserved),
                 ids=[pk_for(r) for r in refs],
                 output_fields=["ref"],
                 consistency_level="Strong",
@@ -207,7 +218,9 @@ class VectorIndex:
             raise VectorIndexError(f"query failed on {self.uri!r}: {exc}") from exc
         return {row["ref"] for row in rows}
 
-    def upsert(self, refs: Sequence[str], vectors: np.ndarray, kind: str) -> None:
+    def upsert(
+        self, refs: Sequence[str], vectors: np.ndarray, kind: str, reserved: bool = False
+    ) -> None:
         """Write vectors under idempotent keys (same ref -> same row)."""
         if not refs:
             return
@@ -219,15 +232,18 @@ class VectorIndex:
             for r, v in zip(refs, vectors, strict=True)
         ]
         try:
-            self._client.upsert(self.collection, rows)
+            self._client.upsert(self._name(reserved), rows)
         except Exception as exc:
             raise VectorIndexError(f"upsert failed on {self.uri!r}: {exc}") from exc
 
-    def count(self, kind: str | None = None) -> int:
+    def count(self, kind: str | None = None, reserved: bool = False) -> int:
         flt = f'kind == "{kind}"' if kind else "pk >= 0"
         try:
             rows = self._client.query(
-                self.collection, filter=flt, output_fields=["count(*)"], consistency_level="Strong"
+                self._name(reserved),
+                filter=flt,
+                output_fields=["count(*)"],
+                consistency_level="Strong",
             )
         except Exception as exc:
             raise VectorIndexError(f"count failed on {self.uri!r}: {exc}") from exc
@@ -255,6 +271,7 @@ class VectorIndex:
             "vectors": self.count(),
             "seed_vectors": self.count(KIND_SEED),
             "turn_vectors": self.count(KIND_TURN),
+            "reserved_eval_vectors": self.count(KIND_EVAL, reserved=True),
         }
 
     def close(self) -> None:

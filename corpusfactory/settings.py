@@ -115,6 +115,14 @@ class AdmissionSettings(_Section):
     language_min_chars: int = Field(
         20, ge=1, description="Shorter texts are not language-checked (detection is unreliable)."
     )
+    decontaminate: bool = Field(
+        False,
+        description="Reject turns too close to an evaluation item (evaluation.* files) "
+        "with reason contaminated; the items live in the index's reserved collection.",
+    )
+    contamination_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="Reject as contaminated when cosine > this."
+    )
     score_batch_size: int = Field(16, ge=1)
     admit_batch_size: int = Field(32, ge=1)
     batch_window_s: float = Field(0.2, gt=0.0)

@@ -24,7 +24,7 @@ import numpy as np
 from corpusfactory import contract
 from corpusfactory.contract import ContractError, Decision, ScoredTurn, encode
 from corpusfactory.errors import VectorIndexError
-from corpusfactory.index import KIND_SEED, KIND_TURN, VectorIndex
+from corpusfactory.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex
 from corpusfactory.settings import Settings
 from streams.decisions import Candidate, Nearest, decide_batch
 
@@ -49,6 +49,31 @@ def seed_index(settings: Settings, index: VectorIndex | None = None) -> VectorIn
         vecs = embedder.encode([msgs[i][1] for i in missing])
         index.upsert([refs[i] for i in missing], vecs, KIND_SEED)
     log.info("index holds %d seed vectors (%d added)", index.count(KIND_SEED), len(missing))
+    return index
+
+
+def load_reserved(settings: Settings, index: VectorIndex) -> VectorIndex:
+    """Embed the evaluation items into the reserved collection (idempotent)."""
+    from corpusfactory.embedder import Embedder
+    from training.evaluation.items import evaluation_items
+
+    items = evaluation_items(settings)
+    refs = [r for r, _ in items]
+    present: set[str] = set()
+    for start in range(0, len(refs), 1000):
+        present |= index.existing(refs[start : start + 1000], reserved=True)
+    missing = [i for i, r in enumerate(refs) if r not in present]
+    if missing:
+        embedder = Embedder(settings.models.embedder, device=settings.models.device)
+        for start in range(0, len(missing), 512):
+            chunk = missing[start : start + 512]
+            vecs = embedder.encode([items[i][1] for i in chunk])
+            index.upsert([refs[i] for i in chunk], vecs, KIND_EVAL, reserved=True)
+    log.info(
+        "reserved part holds %d evaluation items (%d added)",
+        index.count(KIND_EVAL, reserved=True),
+        len(missing),
+    )
     return index
 
 
@@ -91,16 +116,24 @@ class Admitter:
         ]
         live = [j for j, c in enumerate(cands) if not c.precheck]
         nearest: list[Nearest | None] = [None] * len(cands)
+        reserved: list[Nearest | None] = [None] * len(cands)
         already: set[str] = set()
+        adm = self.settings.admission
         if live:
             assert self.index is not None
             live_refs = [cands[j].ref for j in live]
-            found = self.index.search(np.stack([cands[j].vector for j in live]), exclude=live_refs)
+            vecs = np.stack([cands[j].vector for j in live])
+            found = self.index.search(vecs, exclude=live_refs)
             for j, n in zip(live, found, strict=True):
                 nearest[j] = Nearest(n.ref, n.similarity) if n else None
+            if adm.decontaminate:
+                for j, n in zip(live, self.index.search(vecs, reserved=True), strict=True):
+                    reserved[j] = Nearest(n.ref, n.similarity) if n else None
             already = self.index.existing(live_refs)
-        sim_threshold = self.settings.admission.similarity_threshold
-        verdicts = decide_batch(cands, nearest, already, sim_threshold)
+        sim_threshold = adm.similarity_threshold
+        verdicts = decide_batch(
+            cands, nearest, already, sim_threshold, reserved, adm.contamination_threshold
+        )
         # replayed = accepted before (in the index, or earlier in this batch): no write
         new = [
             (c.ref, c.vector)
@@ -163,6 +196,13 @@ def register(ctx: Any) -> None:
     async def admit_turns(stream: Any) -> None:
         if settings.index.seed_on_start:
             admitter.index = await _retry(ctx, seed_index, settings)
+        if adm.decontaminate:
+            if admitter.index is None:
+                from corpusfactory.embedder import Embedder
+
+                dim = Embedder(settings.models.embedder, device=settings.models.device).dim
+                admitter.ensure_index(dim)
+            await _retry(ctx, load_reserved, settings, admitter.index)
         log.info("admitter ready: index %s", settings.milvus.uri or "Milvus Lite")
         async for events in stream.take_events(adm.admit_batch_size, within=adm.batch_window_s):
             await _admit_events(ctx, admitter, events)

@@ -3,7 +3,8 @@
 ``precheck`` runs in the scorer on the raw text; ``decide_batch`` runs in the
 single admission writer on a batch of scored turns, in order, given each turn's
 nearest stored neighbour. Rejection order follows the paper's loop: structural
-checks (empty, too long, wrong language), then the diversity filter (cosine >
+checks (empty, too long, wrong language), then decontamination (cosine with a
+reserved evaluation item > its threshold), then the diversity filter (cosine >
 threshold), then the quality filter (NLL >= threshold).
 
 A batch is decided as if its turns arrived one by one: a turn is also compared
@@ -22,6 +23,7 @@ import numpy as np
 EMPTY = "empty"
 TOO_LONG = "too_long"
 WRONG_LANGUAGE = "wrong_language"
+CONTAMINATED = "contaminated"
 DUPLICATE = "duplicate"
 LOW_QUALITY = "low_quality"
 ACCEPTED = "accepted"
@@ -68,11 +70,18 @@ def precheck(
 
 
 def decide(
-    cand: Candidate, nearest: Nearest | None, similarity_threshold: float
+    cand: Candidate,
+    nearest: Nearest | None,
+    similarity_threshold: float,
+    reserved: Nearest | None = None,
+    contamination_threshold: float = 1.0,
 ) -> tuple[bool, str]:
-    """(accepted, reason) for one turn given its nearest stored neighbour."""
+    """(accepted, reason) for one turn given its nearest stored neighbour and its nearest
+    reserved evaluation item."""
     if cand.precheck:
         return False, cand.precheck
+    if reserved is not None and reserved.similarity > contamination_threshold:
+        return False, CONTAMINATED
     if nearest is not None and nearest.similarity > similarity_threshold:
         return False, DUPLICATE
     if not math.isfinite(cand.nll) or cand.nll >= cand.nll_threshold:
@@ -85,21 +94,27 @@ def decide_batch(
     nearest: Sequence[Nearest | None],
     already_accepted: set[str],
     similarity_threshold: float,
+    reserved: Sequence[Nearest | None] | None = None,
+    contamination_threshold: float = 1.0,
 ) -> list[Verdict]:
     """Decide a batch in order, as one writer would, one turn after another.
 
     ``nearest[i]`` is cands[i]'s nearest neighbour in the index, excluding the
-    turn itself. A turn already in the index (``already_accepted``) was accepted
-    before (a replay or a redelivery after a crash): it is accepted again with
-    ``replayed=True`` and nothing is written.
+    turn itself; ``reserved[i]`` its nearest evaluation item (None: no check). A
+    contaminated turn reports that item as its neighbour. A turn already in the
+    index (``already_accepted``) was accepted before (a replay or a redelivery after
+    a crash): it is accepted again with ``replayed=True`` and nothing is written.
     """
     if len(cands) != len(nearest):
         raise ValueError("one nearest neighbour (or None) is needed per candidate")
+    reserved = list(reserved) if reserved is not None else [None] * len(cands)
+    if len(reserved) != len(cands):
+        raise ValueError("one reserved neighbour (or None) is needed per candidate")
     verdicts: list[Verdict] = []
     first: dict[str, Verdict] = {}
     batch_refs: list[str] = []
     batch_vecs: list[np.ndarray] = []
-    for cand, near in zip(cands, nearest, strict=True):
+    for cand, near, res in zip(cands, nearest, reserved, strict=True):
         if cand.ref in already_accepted:
             # Accepted in an earlier batch (a replay, or a redelivery after a crash):
             # repeat the acceptance, never write twice.
@@ -125,9 +140,14 @@ def decide_batch(
             j = int(np.argmax(sims))
             if best is None or float(sims[j]) > best.similarity:
                 best = Nearest(batch_refs[j], float(sims[j]))
-        accepted, reason = decide(cand, best, similarity_threshold)
+        accepted, reason = decide(cand, best, similarity_threshold, res, contamination_threshold)
+        shown = res if reason == CONTAMINATED else best
         verdict = Verdict(
-            cand.ref, accepted, reason, best.ref if best else "", best.similarity if best else 0.0
+            cand.ref,
+            accepted,
+            reason,
+            shown.ref if shown else "",
+            shown.similarity if shown else 0.0,
         )
         verdicts.append(verdict)
         first[cand.ref] = verdict

@@ -108,3 +108,34 @@ def test_turns_to_write_are_the_accepted_not_replayed_ones() -> None:
     a, b = cand("a", unit(1, 0)), cand("b", unit(0, 1))
     verdicts = decide_batch([a, b, a], [None] * 3, {"b"}, 0.9)
     assert [v.ref for v in verdicts if v.accepted and not v.replayed] == ["a"]
+
+
+def test_contamination_comes_after_prechecks_and_before_duplicates() -> None:
+    v = np.array([1.0, 0.0], dtype=np.float32)
+    close_eval = Nearest("eval:squad_it:q:1", 0.95)
+    far_eval = Nearest("eval:squad_it:q:2", 0.5)
+    dup = Nearest("turn-x", 0.99)
+    assert decide(cand("a", v, pre="empty"), dup, 0.9, close_eval, 0.9) == (False, "empty")
+    assert decide(cand("a", v), dup, 0.9, close_eval, 0.9) == (False, "contaminated")
+    assert decide(cand("a", v), dup, 0.9, far_eval, 0.9) == (False, "duplicate")
+    assert decide(cand("a", v), None, 0.9, far_eval, 0.9) == (True, "accepted")
+    # exactly at the threshold is not "too close" (the rule is cosine > threshold)
+    assert decide(cand("a", v), None, 0.9, Nearest("e", 0.9), 0.9) == (True, "accepted")
+
+
+def test_a_contaminated_turn_reports_the_evaluation_item_and_is_not_kept_in_the_batch() -> None:
+    v = np.array([1.0, 0.0], dtype=np.float32)
+    verdicts = decide_batch(
+        [cand("a", v), cand("b", v)],
+        [None, None],
+        set(),
+        0.9,
+        reserved=[Nearest("eval:ami2020:7", 0.97), None],
+        contamination_threshold=0.9,
+    )
+    assert [(x.reason, x.neighbour, x.similarity) for x in verdicts] == [
+        ("contaminated", "eval:ami2020:7", 0.97),
+        ("accepted", "", 0.0),  # "a" was rejected, so "b" is no duplicate of it
+    ]
+    with pytest.raises(ValueError, match="reserved"):
+        decide_batch([cand("a", v)], [None], set(), 0.9, reserved=[])
