@@ -21,8 +21,10 @@ export TOKENIZERS_PARALLELISM := false
 setup: venv jars models system
 
 # Programs from the system's packages: Chromium (the web chat page is tested in it,
-# headless). Installed with apt-get when missing and allowed (root), else explained.
-SYSTEM_PACKAGES := chromium
+# headless) and Prometheus (its server and promtool: the monitoring configs, alert
+# rules and dashboard queries are tested against them). Installed with apt-get when
+# missing and allowed (root), else explained.
+SYSTEM_PACKAGES := chromium prometheus
 system:
 	@mkdir -p .state; missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -116,6 +116,12 @@ def _get(obj: Any, name: str) -> Any:
     return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
+def _judge_score(turn: Any) -> float | None:
+    """A turn's LLM-judge score; None when it was not judged (or stored before the judge)."""
+    value = turn.get("judge_score") if isinstance(turn, dict) else turn.judge_score
+    return None if value is None else float(value)
+
+
 def export_record(conv: AcceptedConversation | dict[str, Any]) -> dict[str, Any]:
     """An accepted conversation in the export schema (fixed key order, floats as floats)."""
     return {
@@ -136,6 +142,7 @@ def export_record(conv: AcceptedConversation | dict[str, Any]) -> dict[str, Any]
                 "neighbour_id": str(_get(t, "neighbour_id")),
                 "embedder": str(_get(t, "embedder")),
                 "scorer": str(_get(t, "scorer")),
+                "judge_score": _judge_score(t),
             }
             for t in _get(conv, "turns")
         ],
@@ -332,6 +339,7 @@ class _Tally:
     ids: set[str] = field(default_factory=set)
     truncated: int = 0
     by_source: Counter[str] = field(default_factory=Counter)
+    by_source_truncated: Counter[tuple[str, bool]] = field(default_factory=Counter)
     messages: int = 0
     # turn_id -> (accepted, reason, nll, digests of the distinct decisions stored)
     decisions: dict[str, tuple[bool, str, float, tuple[bytes, ...]]] = field(default_factory=dict)
@@ -345,6 +353,7 @@ class _Tally:
         if rec.get("truncated"):
             self.truncated += 1
         self.by_source[str(rec.get("source", ""))] += 1
+        self.by_source_truncated[str(rec.get("source", "")), bool(rec.get("truncated"))] += 1
         self.messages += len(rec.get("turns") or ())
 
     def add_decision(self, rec: dict[str, Any], digest: bytes) -> None:
@@ -514,6 +523,12 @@ class CorpusStore:
     def __len__(self) -> int:
         return len(self._tally.ids)
 
+    def counts(self) -> tuple[dict[tuple[str, bool], int], int, int]:
+        """Cheap running totals (metrics): conversations by (source, truncated), messages,
+        decision records."""
+        t = self._tally
+        return dict(t.by_source_truncated), t.messages, t.decision_lines
+
     def shard_paths(self) -> dict[str, list[Path]]:
         """The shard files of each kind, in order."""
         return {s.prefix: s.shards() for s in self._sets}
@@ -522,6 +537,18 @@ class CorpusStore:
         """The stored conversations (export schema), in shard order, each id once."""
         for _, rec in self._iter_accepted(include_truncated):
             yield rec
+
+    def iter_decisions(self) -> Iterator[dict[str, Any]]:
+        """Every stored decision record (contract fields), in shard order.
+
+        Unlike ``stats()`` this does not dedupe: a turn may have several records
+        (a replayed decision, a re-decision); the caller chooses. Lines that are not a
+        valid decision are skipped, as when the store is opened.
+        """
+        for _, _, _, rec in self._decisions.read():
+            if _valid_decision(rec):
+                assert rec is not None
+                yield rec
 
     def _iter_accepted(self, include_truncated: bool) -> Iterator[tuple[bytes, dict[str, Any]]]:
         seen: set[str] = set()

@@ -36,6 +36,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError
 from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.metrics import WriterMetrics
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class CorpusWriter:
         shard_lines: int = DEFAULT_SHARD_LINES,
         max_poll_records: int = 500,
         poll_timeout_s: float = 0.5,
+        metrics: WriterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
@@ -92,6 +94,8 @@ class CorpusWriter:
         if store is None:
             store = CorpusStore.from_settings(settings, shard_lines=shard_lines)
         self.store = store
+        self.metrics = metrics or WriterMetrics()
+        self.metrics.set_counts(*store.counts())
         self._consumer: KafkaConsumer | None = None
         self.total = WriterReport()
 
@@ -205,6 +209,8 @@ class CorpusWriter:
         report.decisions_written += result.decisions_written
         report.decisions_skipped += result.decisions_skipped
         report.undecodable += len(bad)
+        self.metrics.undecodable.inc(len(bad))
+        self.metrics.set_counts(*self.store.counts())
         log.debug(
             "corpus writer: batch of %d: %d conversation(s) stored, %d already stored, "
             "%d decision(s), %d undecodable",

@@ -9,6 +9,7 @@ Every subcommand takes ``--config FILE`` (a YAML profile, see ``configs/``) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,15 @@ def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
     return load_settings(args.config, overrides=overrides)
+
+
+def serving_metrics(
+    args: argparse.Namespace, s: Settings, component: str, metrics: Any
+) -> contextlib.AbstractContextManager[Any]:
+    """A long-running component's /metrics for the ``with`` block (``--metrics-port``)."""
+    from corpusfactory.metrics import metrics_endpoint
+
+    return metrics_endpoint(s, component, metrics, getattr(args, "metrics_port", None))
 
 
 def _print_json(data: Any) -> None:
@@ -64,7 +74,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
 
-    run_worker(_settings(args), args.role, loglevel=args.log_level)
+    run_worker(_settings(args), args.role, loglevel=args.log_level, metrics_port=args.metrics_port)
     return 0
 
 
@@ -72,6 +82,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     import asyncio
 
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.metrics import ProducerMetrics
     from corpusfactory.models.demo import resolve_model
     from producers.generators.base import make_generator
     from producers.service import SelfChatProducer
@@ -84,8 +95,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     ensure_topics(s, bootstrap)
     model = resolve_model(s.models.generator, s.models.models_dir)
     generator = make_generator(s.producer, model, s.models.device)
+    metrics = ProducerMetrics()
     try:
-        stats = asyncio.run(SelfChatProducer(s, bootstrap, generator).run())
+        with serving_metrics(args, s, "producer", metrics):
+            stats = asyncio.run(SelfChatProducer(s, bootstrap, generator, metrics).run())
     finally:
         generator.close()
     _print_json(stats.as_dict())
@@ -137,7 +150,21 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     if args.action == "write":
-        with CorpusWriter(s, resolve_bootstrap(s, start_embedded=False)) as writer:
+        from consumers.writer import default_group_id
+        from corpusfactory.contract import ACCEPTED, DECISIONS
+        from corpusfactory.metrics import LagCollector, WriterMetrics
+
+        bootstrap = resolve_bootstrap(s, start_embedded=False)
+        metrics = WriterMetrics()
+        lag = LagCollector(
+            s, bootstrap, default_group_id(s), [s.topic(ACCEPTED), s.topic(DECISIONS)]
+        )
+        metrics.add_collector(lag)
+        with (
+            contextlib.closing(lag),
+            CorpusWriter(s, bootstrap, metrics=metrics) as writer,
+            serving_metrics(args, s, "writer", metrics),
+        ):
             writer.run()
         return 0
     if args.action == "sync" or args.sync:
@@ -202,6 +229,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------
 
 
+def metrics_port_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics on this port (default: metrics.ports.<component>; 0 = off)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML settings profile (also CORPUSFACTORY_CONFIG)")
     p.add_argument("--state-dir", help="state directory (default .state, or the profile's)")
@@ -232,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scorer: embed and NLL-score candidates (scale out); "
         "admitter: the single writer of the vector index",
     )
+    metrics_port_flag(p)
 
     p = add("produce", cmd_produce, "Run a self-chat producer.")
     p.add_argument(
@@ -240,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop once this producer (producer.producer_id) has closed this many "
         "conversations, counted across restarts (0 = forever)",
     )
+    metrics_port_flag(p)
 
     p = add("score", cmd_score, "Masked-LM NLL of texts (method.md §3).")
     p.add_argument("--model", help="scorer model path or id (default: models.scorer)")
@@ -259,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", action="store_true", help="drain the topics before stats/export")
     p.add_argument("--no-truncated", action="store_true", help="export: leave truncated ones out")
     p.add_argument("--timeout", type=float, default=10.0, help="sync: idle seconds before stop")
+    metrics_port_flag(p)
 
     p = add("index", cmd_index, "The vector index: stats, or load seed messages.")
     p.add_argument("action", choices=["stats", "seed"], help="what to do")
@@ -276,9 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     from corpusfactory.cli_training import add_commands
 
     add_commands(add, _settings, _common)
+    from corpusfactory.cli_ingest import add_commands as add_ingest
+    from corpusfactory.cli_report import add_commands as add_report
     from corpusfactory.cli_serving import add_commands as add_serving
 
     add_serving(add, _settings)
+    add_ingest(add, _settings)
+    add_report(add, _settings)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
     p.add_argument("what", choices=["pipeline", "scorer", "serve", "train"], help="which benchmark")

@@ -8,6 +8,7 @@ an evaluation by hand, prints the table across snapshots, or scores a custom tas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import threading
@@ -27,33 +28,54 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _metrics_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics on this port while following (default: metrics.ports; 0 = off)",
+    )
+
+
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def cmd_train(args: argparse.Namespace, s: Settings) -> int:
+    from corpusfactory.contract import ACCEPTED
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.metrics import LagCollector, TrainerMetrics, metrics_endpoint
     from training.service import Trainer
 
     bootstrap = resolve_bootstrap(s, start_embedded=False)
     ensure_topics(s, bootstrap)
-    with Trainer(s, bootstrap) as trainer:
-        print("trainer ready", flush=True)
+    metrics = TrainerMetrics()
+    with Trainer(s, bootstrap, metrics) as trainer:
         if args.once:
+            print("trainer ready", flush=True)
             snap = trainer.run_once()
             print(snap.id if snap else "no new conversations: no snapshot")
-        else:
+            return 0
+        lag = LagCollector(s, bootstrap, trainer.group_id, [s.topic(ACCEPTED)])
+        metrics.add_collector(lag)
+        with contextlib.closing(lag), metrics_endpoint(s, "trainer", metrics, args.metrics_port):
+            print("trainer ready", flush=True)
             trainer.run(_stop_on_signals(), max_snapshots=args.max_snapshots)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.metrics import EvaluatorMetrics, metrics_endpoint
     from training.evaluation.service import EvaluatorService
 
     bootstrap = resolve_bootstrap(s, start_embedded=False)
     ensure_topics(s, bootstrap)
-    with EvaluatorService(s, bootstrap) as service:
+    metrics = EvaluatorMetrics()
+    port = 0 if args.once else args.metrics_port  # a one-off run is never scraped
+    with (
+        EvaluatorService(s, bootstrap, metrics) as service,
+        metrics_endpoint(s, "evaluator", metrics, port),
+    ):
         print("evaluator ready", flush=True)
         n = service.run(None if args.once else _stop_on_signals(), once=args.once)
     print(f"evaluated {n} model(s)")
@@ -119,6 +141,7 @@ def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_build(args: argparse.Namespace, s: Settings) -> int:
+    from corpusfactory.metrics import BuilderMetrics, metrics_endpoint
     from serving.builder import Builder
 
     bootstrap = None
@@ -127,14 +150,16 @@ def cmd_build(args: argparse.Namespace, s: Settings) -> int:
 
         bootstrap = resolve_bootstrap(s, start_embedded=False)
         ensure_topics(s, bootstrap)
-    builder = Builder(s, bootstrap)
+    metrics = BuilderMetrics()
+    builder = Builder(s, bootstrap, metrics)
     if args.snapshot:
         made = builder.build(builder.snapshots.get(args.snapshot))
     elif args.once or bootstrap is None:
         made = builder.build_all()
     else:
-        print("builder ready", flush=True)
-        builder.follow(_stop_on_signals())
+        with metrics_endpoint(s, "builder", metrics, args.metrics_port):
+            print("builder ready", flush=True)
+            builder.follow(_stop_on_signals())
         return 0
     _print([b.describe() for b in made])
     return 0
@@ -174,9 +199,11 @@ def add_commands(
     p = add("train", bind(cmd_train), "Fine-tune snapshots from corpus.accepted (DeepSpeed).")
     p.add_argument("--once", action="store_true", help="train once on what is new, then exit")
     p.add_argument("--max-snapshots", type=int, help="exit after publishing this many")
+    _metrics_port(p)
 
     p = add("evaluate", bind(cmd_evaluate), "Evaluate new snapshots (and the base model).")
     p.add_argument("--once", action="store_true", help="evaluate what is waiting, then exit")
+    _metrics_port(p)
 
     p = add("snapshots", bind(cmd_snapshots), "List or show fine-tuning snapshots.")
     p.add_argument("action", choices=["list", "show"], help="what to do")
@@ -189,6 +216,7 @@ def add_commands(
     p.add_argument(
         "--no-announce", action="store_true", help="do not announce on models.builds (no Kafka)"
     )
+    _metrics_port(p)
 
     p = add("builds", bind(cmd_builds), "List GGUF builds with their gate figures.")
     p.add_argument("action", choices=["list"], help="what to do")

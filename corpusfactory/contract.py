@@ -21,6 +21,11 @@ models.evaluations   EvaluationPublished (1 partition)                model id
 models.builds        BuildPublished (1 partition)                     snapshot_id
 ==================== =============================================== ==================
 
+Fields added after the first release are optional, with defaults, and keep
+``schema_version`` 1: an event written before them still decodes (the LLM judge's
+``prompt`` on a candidate, ``judge_*`` on scored turns, decisions and accepted
+turns).
+
 Decoding is strict: ``decode(kind, raw_bytes)`` raises ``ContractError`` with a
 precise message for non-UTF-8 bytes, invalid JSON, a null value, an unknown
 schema version, missing or mistyped fields, and empty or oversized text.
@@ -66,7 +71,12 @@ REASONS = (
     "too_long",
     "wrong_language",
     "contaminated",
+    "judge_low",  # the LLM judge's score is below judge.threshold
+    "judge_unparsed",  # the LLM judge's output held no readable score (judge.on_unparsed)
 )
+JUDGE_ON_UNPARSED = ("reject", "accept")
+JUDGE_MAX_SCORE = 5.0
+JUDGE_OUTPUT_CHARS = 500  # how much of the judge's raw output a scored turn keeps
 
 
 class _Record(faust.Record, serializer="json", include_metadata=False, abstract=True):
@@ -87,6 +97,9 @@ class CandidateTurn(_Record):
     generator: str = ""
     attempt: int = 0  # 0 for the first try at this position, then 1, 2, ...
     created_at: float = 0.0
+    # For an assistant turn: the user turn it answers, which the optional LLM judge
+    # reads as the instruction. "" when unknown (such a turn is not judged).
+    prompt: str = ""
 
 
 class ScoredTurn(_Record):
@@ -105,6 +118,14 @@ class ScoredTurn(_Record):
     origin_partition: int = -1
     origin_offset: int = -1
     scored_at: float = 0.0
+    # The optional LLM judge (judge.*): judged is True when it rated this turn;
+    # judge_score is the parsed 0-5 score, None when not judged or unreadable.
+    judged: bool = False
+    judge_score: float | None = None
+    judge_threshold: float = 0.0
+    judge_on_unparsed: str = "reject"
+    judge: str = ""  # the judge generator's id
+    judge_output: str = ""  # the start of the judge's raw output, for audit
 
 
 class Decision(_Record):
@@ -126,7 +147,15 @@ class Decision(_Record):
     nll_threshold: float
     replayed: bool = False  # True when the turn was decided before: this repeats that decision
     decided_at: float = 0.0
-    stage_s: dict[str, float] | None = None  # seconds per stage: embed, score, admit
+    stage_s: dict[str, float] | None = None  # seconds per stage: embed, score, judge, admit
+    # The optional LLM judge: its 0-5 score (None when the turn was not judged or its
+    # output was unreadable), the threshold in force and the judge's id (None and ""
+    # when the turn was not judged).
+    judge_score: float | None = None
+    judge_threshold: float | None = None
+    judge: str = ""
+    # The candidate's source (selfchat, fauno, ...): NLL by corpus in metrics and reports.
+    source: str = ""
 
 
 class AcceptedTurn(_Record):
@@ -140,6 +169,7 @@ class AcceptedTurn(_Record):
     neighbour_id: str
     embedder: str
     scorer: str
+    judge_score: float | None = None  # the LLM judge's 0-5 score, None when not judged
 
 
 class AcceptedConversation(_Record):
@@ -233,6 +263,11 @@ _TYPES: dict[type, tuple[type, ...]] = {
     float: (int, float),
     bool: (bool,),
 }
+# Optional fields: null or one of these.
+_OPTIONAL_TYPES: dict[Any, tuple[type, ...]] = {
+    str | None: (str,),
+    float | None: (int, float),
+}
 
 
 def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -249,18 +284,29 @@ def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[
         value = data[name]
         out[name] = value
         expected = _TYPES.get(ann)
+        if expected is None and value is not None:
+            expected = _OPTIONAL_TYPES.get(ann)
         if expected is not None:
             if isinstance(value, bool) and bool not in expected:
-                problems.append(f"field {name!r} must be {ann.__name__}, got bool")
+                problems.append(f"field {name!r} must be {_type_name(ann)}, got bool")
             elif not isinstance(value, expected):
                 problems.append(
-                    f"field {name!r} must be {ann.__name__}, got {type(value).__name__}"
+                    f"field {name!r} must be {_type_name(ann)}, got {type(value).__name__}"
                 )
             elif isinstance(value, int | float) and not math.isfinite(value):
                 problems.append(f"field {name!r} must be finite")
     if problems:
         raise ContractError(f"{where}: " + "; ".join(problems))
     return out
+
+
+def _type_name(ann: Any) -> str:
+    return ann.__name__ if isinstance(ann, type) else str(ann)
+
+
+def _check_judge_score(value: Any, where: str) -> None:
+    if value is not None and not 0.0 <= value <= JUDGE_MAX_SCORE:
+        raise ContractError(f"{where}: judge_score must be within 0..5 or null, got {value!r}")
 
 
 def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
@@ -281,6 +327,11 @@ def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
     if len(text) > max_chars:
         raise ContractError(
             f"candidate turn: text has {len(text)} characters, over the event limit {max_chars}"
+        )
+    if len(fields.get("prompt", "")) > max_chars:
+        raise ContractError(
+            f"candidate turn: prompt has {len(fields['prompt'])} characters, over the event "
+            f"limit {max_chars}"
         )
     return CandidateTurn(**fields)
 
@@ -318,6 +369,7 @@ def decode_decision(raw: bytes | None) -> Decision:
     fields = _check_fields(Decision, data, "decision")
     if fields["reason"] not in REASONS:
         raise ContractError(f"decision: unknown reason {fields['reason']!r}")
+    _check_judge_score(fields.get("judge_score"), "decision")
     return Decision(**fields)
 
 
@@ -332,6 +384,14 @@ def decode_scored(raw: bytes | None) -> ScoredTurn:
     emb = fields["embedding"]
     if not isinstance(emb, list) or not all(isinstance(x, int | float) for x in emb):
         raise ContractError("scored turn: embedding must be a list of numbers")
+    _check_judge_score(fields.get("judge_score"), "scored turn")
+    if fields.get("judge_on_unparsed", "reject") not in JUDGE_ON_UNPARSED:
+        raise ContractError(
+            f"scored turn: judge_on_unparsed must be one of {JUDGE_ON_UNPARSED}, "
+            f"got {fields['judge_on_unparsed']!r}"
+        )
+    if not 0.0 <= fields.get("judge_threshold", 0.0) <= JUDGE_MAX_SCORE:
+        raise ContractError("scored turn: judge_threshold must be within 0..5")
     return ScoredTurn(**fields)
 
 
@@ -346,6 +406,8 @@ def decode_accepted(raw: bytes | None) -> AcceptedConversation:
         else _bad_turn()
         for t in turns
     ]
+    for t in parsed:
+        _check_judge_score(t.judge_score, "accepted turn")
     fields = _check_fields(AcceptedConversation, data, "accepted conversation")
     fields["turns"] = parsed
     return AcceptedConversation(**fields)

@@ -19,8 +19,10 @@ unreadable outputs can be counted apart from low scores.
 
 :class:`Judge` renders the prompts, generates through any backend of the
 project's generator interface (:mod:`producers.generators.base`) in batches,
-parses and decides. :class:`JudgeSettings` is the settings section it is
-configured by (``enabled`` is off by default).
+parses and decides. :class:`JudgeSettings` (``Settings.judge``, defined in
+:mod:`corpusfactory.settings` and re-exported here) configures it; ``enabled`` is
+off by default. The scorer (:mod:`streams.score`) runs the judge and the admitter
+(:mod:`streams.decisions`) applies :func:`judge_decision` last.
 """
 
 from __future__ import annotations
@@ -29,24 +31,48 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import TYPE_CHECKING
 
 from corpusfactory.errors import GeneratorError
-from corpusfactory.settings import GenerationSettings, ProducerSettings
+from corpusfactory.settings import (
+    GenerationSettings,
+    JudgeLanguage,
+    JudgeSettings,
+    OnUnparsed,
+    ProducerSettings,
+)
 
 if TYPE_CHECKING:
     from producers.generators.base import Generator
+
+__all__ = [
+    "CONTEXT_BLOCK_EN",
+    "CONTEXT_BLOCK_IT",
+    "JUDGE_LOW",
+    "JUDGE_TEMPLATE_EN",
+    "JUDGE_TEMPLATE_IT",
+    "JUDGE_UNPARSED",
+    "MAX_SCORE",
+    "MIN_SCORE",
+    "Judge",
+    "JudgeLanguage",
+    "JudgeResult",
+    "JudgeSettings",
+    "OnUnparsed",
+    "check_template",
+    "context_block_for",
+    "judge_decision",
+    "load_template",
+    "make_judge_generator",
+    "parse_score",
+    "render_prompt",
+]
 
 JUDGE_LOW = "judge_low"
 JUDGE_UNPARSED = "judge_unparsed"
 
 MIN_SCORE = 0.0
 MAX_SCORE = 5.0
-
-OnUnparsed = Literal["reject", "accept"]
-JudgeLanguage = Literal["it", "en"]
 
 # ---------------------------------------------------------------------------------
 # Templates. Placeholders: {instruction}, {response} (both required) and {context}
@@ -505,56 +531,26 @@ class Judge:
 
 
 # ---------------------------------------------------------------------------------
-# Settings (to move into corpusfactory.settings as Settings.judge).
+# The judge's generator.
 
 
-class JudgeSettings(BaseModel):
-    """The optional LLM-as-judge admission stage (method.md §8)."""
+def make_judge_generator(
+    settings: JudgeSettings, models_dir: str | Path | None = None
+) -> Generator:
+    """Build the judge's generator with the project's generator factory.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = False
-    backend: Literal["transformers", "openai", "vllm"] = Field(
-        "openai", description="Judges are usually large served models: openai by default."
-    )
-    model: str | None = Field(
-        None,
-        description="Local directory (transformers, vllm) or served model name (openai).",
-    )
-    template: str | None = Field(
-        None,
-        description="Template text (contains {response}) or a file path; None = built-in.",
-    )
-    threshold: float = Field(3.0, ge=0.0, le=5.0, description="Pass when score >= this.")
-    max_new_tokens: int = Field(128, ge=1, description="Score line plus explanation.")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
-    on_unparsed: OnUnparsed = Field(
-        "reject", description="What an output without a readable score does."
-    )
-    language: JudgeLanguage = Field("it", description="Built-in template language.")
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
-    device: str = Field("cpu", description="torch device (transformers backend only).")
-    openai_base_url: str = "http://127.0.0.1:8000/v1"
-    openai_api_key: str | None = None
-    openai_max_retries: int = Field(6, ge=0)
-    openai_timeout_s: float = Field(60.0, gt=0.0)
-
-    @model_validator(mode="after")
-    def _complete(self) -> JudgeSettings:
-        if self.enabled and not self.model:
-            raise ValueError("judge.enabled needs judge.model")
-        if self.template is not None and "{response}" in self.template:
-            check_template(self.template)
-        return self
-
-
-def make_judge_generator(settings: JudgeSettings) -> Generator:
-    """Build the judge's generator with the project's generator factory."""
+    For the local backends (transformers, vllm) a ``demo:`` model name is resolved
+    to the demo model's directory (built in ``models_dir`` if needed).
+    """
     from producers.generators.base import make_generator
 
     if not settings.model:
         raise ValueError("judge.model is not set")
+    model = settings.model
+    if settings.backend != "openai" and model.startswith("demo:"):
+        from corpusfactory.models.demo import resolve_model
+
+        model = resolve_model(model, models_dir)
     producer = ProducerSettings(
         backend=settings.backend,
         openai_base_url=settings.openai_base_url,
@@ -563,4 +559,4 @@ def make_judge_generator(settings: JudgeSettings) -> Generator:
         openai_timeout_s=settings.openai_timeout_s,
         generation=GenerationSettings(seed=settings.seed),
     )
-    return make_generator(producer, settings.model, settings.device)
+    return make_generator(producer, model, settings.device)

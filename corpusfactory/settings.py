@@ -329,6 +329,66 @@ class EvaluationSettings(_Section):
         return self
 
 
+OnUnparsed = Literal["reject", "accept"]
+JudgeLanguage = Literal["it", "en"]
+
+
+class JudgeSettings(_Section):
+    """The optional LLM-as-judge admission stage (method.md §8; ``corpusfactory.judge``).
+
+    When enabled, the scorer rates each assistant turn that answers a user turn
+    (its candidate's ``prompt``) 0-5 with a judge model; the admitter rejects a
+    score below ``threshold`` as ``judge_low`` and an unreadable one as
+    ``judge_unparsed`` (unless ``on_unparsed`` is ``accept``).
+    """
+
+    enabled: bool = False
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "openai", description="Judges are usually large served models: openai by default."
+    )
+    model: str | None = Field(
+        None,
+        description="Local directory or demo: name (transformers, vllm) or served model "
+        "name (openai).",
+    )
+    template: str | None = Field(
+        None,
+        description="Template text (contains {response}) or a file path; None = built-in.",
+    )
+    threshold: float = Field(3.0, ge=0.0, le=5.0, description="Pass when score >= this.")
+    max_new_tokens: int = Field(128, ge=1, description="Score line plus explanation.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+    on_unparsed: OnUnparsed = Field(
+        "reject", description="What an output without a readable score does."
+    )
+    language: JudgeLanguage = Field("it", description="Built-in template language.")
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    device: str = Field("cpu", description="torch device (transformers backend only).")
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: str | None = None
+    openai_max_retries: int = Field(6, ge=0)
+    openai_timeout_s: float = Field(60.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> JudgeSettings:
+        if self.enabled and not self.model:
+            raise ValueError("judge.enabled needs judge.model")
+        if self.template is None:
+            return self
+        # Imported here, only for a custom template: corpusfactory.judge imports this module.
+        from corpusfactory.judge import check_template, load_template
+
+        try:
+            if "{response}" in self.template:
+                check_template(self.template)
+            elif self.enabled:
+                load_template(self.template, self.language)  # the file must be readable
+        except ValueError as exc:
+            raise ValueError(f"judge.template: {exc}") from None
+        return self
+
+
 class GateBudget(_Section):
     """How far a GGUF build may drift from its full-precision snapshot."""
 
@@ -377,6 +437,34 @@ class ServingSettings(_Section):
         return self
 
 
+class MetricsPorts(_Section):
+    """The port of each component's /metrics endpoint (docs/metrics.md)."""
+
+    scorer: int = Field(9401, ge=0, le=65535)
+    admitter: int = Field(9402, ge=0, le=65535)
+    producer: int = Field(9403, ge=0, le=65535)
+    writer: int = Field(9404, ge=0, le=65535)
+    trainer: int = Field(9405, ge=0, le=65535)
+    evaluator: int = Field(9406, ge=0, le=65535)
+    builder: int = Field(9407, ge=0, le=65535)
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics of the long-running components (``corpusfactory.metrics``)."""
+
+    enabled: bool = Field(True, description="Serve /metrics in every long-running component.")
+    host: str = Field(
+        "127.0.0.1", description="Bind address; 0.0.0.0 in containers, so Prometheus reaches it."
+    )
+    ports: MetricsPorts = MetricsPorts()
+    lag_cache_s: float = Field(
+        5.0, ge=0.0, description="Consumer lag is read from Kafka at most this often."
+    )
+    acceptance_window: int = Field(
+        500, ge=1, description="First decisions the acceptance-rate gauge looks back over."
+    )
+
+
 class Settings(_Section):
     """All settings. One object, validated up front."""
 
@@ -391,6 +479,8 @@ class Settings(_Section):
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     serving: ServingSettings = ServingSettings()
+    judge: JudgeSettings = JudgeSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def state_path(self) -> Path:

@@ -10,6 +10,10 @@ candidate is pending at a time::
                          TRUNCATED rejected ``retry_cap`` + 1 times; status "truncated"
                          IGNORED   not the pending turn (a replay, a duplicate delivery)
 
+An assistant candidate carries the user turn it answers as its ``prompt`` (what
+the optional LLM judge reads); an accepted turn keeps the judge's score, if any,
+and publishes it with the conversation.
+
 Turn ids are ``f"{conversation_id}:{index}:{attempt}"``: deterministic, so a
 candidate re-sent after a crash is the same turn and downstream admission,
 idempotent on ``turn_id``, decides it once.
@@ -58,6 +62,7 @@ class TurnRecord:
     neighbour_id: str
     embedder: str
     scorer: str
+    judge_score: float | None = None  # the LLM judge's score, None when not judged
 
 
 @dataclass
@@ -168,7 +173,15 @@ class Conversation:
             generator=p.generator,
             attempt=p.attempt,
             created_at=p.created_at,
+            prompt=self.prompt_for(p.index, p.role),
         )
+
+    def prompt_for(self, index: int, role: str) -> str:
+        """The user turn an assistant turn at ``index`` answers ("" for a user turn)."""
+        if role != "assistant" or index == 0 or index > len(self.messages):
+            return ""
+        prev = self.messages[index - 1]
+        return prev.text if prev.role == "user" else ""
 
     def apply(self, decision: Decision, now: float | None = None) -> Outcome:
         """Apply the decision for the pending turn; anything else is IGNORED."""
@@ -193,6 +206,7 @@ class Conversation:
                     neighbour_id=decision.neighbour_id,
                     embedder=decision.embedder,
                     scorer=decision.scorer,
+                    judge_score=decision.judge_score,
                 )
             )
             self.attempts_at_position = 0

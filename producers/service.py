@@ -36,6 +36,7 @@ from corpusfactory import contract
 from corpusfactory.chatformat import ChatFormat
 from corpusfactory.contract import ContractError, encode
 from corpusfactory.kafka_clients import aiokafka_kwargs
+from corpusfactory.metrics import ProducerMetrics
 from corpusfactory.seeds import SeedConversation, load_seeds
 from corpusfactory.settings import Settings
 from producers.conversation import Conversation, Outcome, draw_target_length
@@ -73,7 +74,13 @@ class ProducerStats:
 
 
 class SelfChatProducer:
-    def __init__(self, settings: Settings, bootstrap: str, generator: Generator) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        generator: Generator,
+        metrics: ProducerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.p = settings.producer
         self.bootstrap = bootstrap
@@ -81,6 +88,8 @@ class SelfChatProducer:
         self.fmt = ChatFormat(self.p.user_tag, self.p.assistant_tag)
         self.rng = random.Random(self.p.rng_seed)
         self.stats = ProducerStats()
+        self.metrics = metrics or ProducerMetrics()
+        self.metrics.start(self.p.producer_id, generator.id)
         state_dir = settings.state_path / "producer"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = ConversationStore(state_dir / f"{self.p.producer_id}.sqlite")
@@ -150,10 +159,11 @@ class SelfChatProducer:
             for conv in self.store.load_unpublished():
                 await self._publish(producer, conv)
             self.active = {c.conversation_id: c for c in self.store.load_active()}
+            self._gauge_active()
             resend = [c for c in self.active.values() if c.pending is not None]
             for conv in resend:
                 await self._send(producer, conv.pending_candidate())
-                self.stats.resent += 1
+                self._count_resend()
             if resend:
                 log.info(
                     "resumed %d conversations, re-sent %d pending", len(self.active), len(resend)
@@ -187,6 +197,7 @@ class SelfChatProducer:
             conv = self._new_conversation()
             self.store.save(conv)
             self.active[conv.conversation_id] = conv
+        self._gauge_active()
 
     async def _generate_round(self, producer: AIOKafkaProducer) -> None:
         idle = [c for c in self.active.values() if c.pending is None]
@@ -205,8 +216,11 @@ class SelfChatProducer:
         raw = await loop.run_in_executor(
             None, self.generator.generate, prompts, self.p.generation, self.fmt.stop_strings
         )
-        self.stats.generate_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.stats.generate_s += took
         self.stats.generated += len(prompts)
+        self.metrics.batch.labels("generate").observe(len(prompts))
+        self.metrics.stage.labels("generate").observe(took / len(prompts))
         now = time.time()
         to_send = []
         for conv, out in zip(idle, raw, strict=True):
@@ -214,6 +228,7 @@ class SelfChatProducer:
             if not text:
                 # Nothing usable was generated: a rejection that never left the producer.
                 self.stats.empty_generations += 1
+                self.metrics.empty.labels(self.p.producer_id).inc()
                 if conv.reject_unsent(now) is Outcome.TRUNCATED:
                     await self._close(producer, conv)
                 continue
@@ -221,6 +236,7 @@ class SelfChatProducer:
             self.store.save(conv)  # pending is durable before the candidate leaves
         for cand in to_send:
             await self._send(producer, cand)
+            self.metrics.generated.labels(self.p.producer_id, self.generator.id).inc()
 
     async def _send(self, producer: AIOKafkaProducer, cand: contract.CandidateTurn) -> None:
         await producer.send_and_wait(
@@ -271,7 +287,9 @@ class SelfChatProducer:
         self.stats.decisions[decision.reason] += 1
         self.stats.stage_s.update(decision.stage_s or {})
         if sent_at:
-            self.stats.roundtrip_s += max(0.0, time.time() - sent_at)
+            roundtrip = max(0.0, time.time() - sent_at)
+            self.stats.roundtrip_s += roundtrip
+            self.metrics.stage.labels("roundtrip").observe(roundtrip)
         if conv.done:
             await self._close(producer, conv)
         else:
@@ -284,6 +302,8 @@ class SelfChatProducer:
             self.stats.finished += 1
         else:
             self.stats.truncated += 1
+        self.metrics.conversations.labels(self.p.producer_id, conv.status).inc()
+        self._gauge_active()
         await self._publish(producer, conv)
 
     async def _publish(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
@@ -312,4 +332,11 @@ class SelfChatProducer:
                 p.created_at = now
                 self.store.save(conv)
                 await self._send(producer, conv.pending_candidate())
-                self.stats.resent += 1
+                self._count_resend()
+
+    def _count_resend(self) -> None:
+        self.stats.resent += 1
+        self.metrics.resent.labels(self.p.producer_id).inc()
+
+    def _gauge_active(self) -> None:
+        self.metrics.active.labels(self.p.producer_id).set(len(self.active))

@@ -31,6 +31,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError
 from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.metrics import BuilderMetrics
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from serving.builds import Build, BuildStore
@@ -41,11 +42,20 @@ log = logging.getLogger(__name__)
 
 
 class Builder:
-    def __init__(self, settings: Settings, bootstrap: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str | None = None,
+        metrics: BuilderMetrics | None = None,
+    ) -> None:
         self.s = settings
         self.bootstrap = bootstrap
         self.snapshots = SnapshotStore(settings.snapshots_path)
         self.builds = BuildStore(settings.builds_path)
+        self.metrics = metrics or BuilderMetrics()
+        # Builds made by earlier runs are exported too (not counted as made here).
+        for described in list_builds(settings):
+            self.metrics.observe_build(described, counted=False)
         self.fmt = ChatFormat(settings.producer.user_tag, settings.producer.assistant_tag)
 
     def quants(self) -> list[str]:
@@ -108,6 +118,7 @@ class Builder:
                 figures["top1_agreement"], figures["ppl_delta_pct"],
                 "published" if build.published else "HELD BACK (outside its gate budget)",
             )  # fmt: skip
+            self.metrics.observe_build(build.describe())
             self._announce(build)
             out.append(build)
         return out

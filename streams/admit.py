@@ -2,7 +2,8 @@
 
 It reads ``turns.scored`` (one partition, so one admitter decides at a time),
 looks up each turn's nearest stored neighbour in Milvus, decides the batch in
-order with ``streams.decisions.decide_batch``, upserts the accepted vectors
+order with ``streams.decisions.decide_batch`` (the LLM judge's verdict, when the
+scorer ran it, is applied last), upserts the accepted vectors
 under keys derived from the turn ids, and only then sends the decisions. A
 replayed or redelivered turn finds its own key and is answered again without a
 second vector (I2, I4).
@@ -111,6 +112,10 @@ class Admitter:
                 nll=scored[i].nll,
                 precheck=scored[i].precheck,
                 nll_threshold=scored[i].nll_threshold,
+                judged=scored[i].judged,
+                judge_score=scored[i].judge_score,
+                judge_threshold=scored[i].judge_threshold,
+                judge_on_unparsed="accept" if scored[i].judge_on_unparsed == "accept" else "reject",
             )
             for i in fresh
         ]
@@ -156,6 +161,9 @@ class Admitter:
                 "nll_threshold": s.nll_threshold,
                 "similarity_threshold": sim_threshold,
                 "replayed": v.replayed,
+                "judge_score": s.judge_score,
+                "judge_threshold": s.judge_threshold if s.judged else None,
+                "judge": s.judge if s.judged else "",
             }
         logged = {refs[i]: records[refs[i]] for i in fresh}
         if self.index is not None:
@@ -181,6 +189,11 @@ class Admitter:
                 replayed=ref in prior or bool(rec["replayed"]),
                 decided_at=now,
                 stage_s={**(s.stage_s or {}), "admit": admit_s},
+                # A log row written before the judge existed has none of these.
+                judge_score=rec.get("judge_score"),
+                judge_threshold=rec.get("judge_threshold"),
+                judge=rec.get("judge", ""),
+                source=s.candidate.source,
             )
             for s, ref in zip(scored, refs, strict=True)
             for rec in (records[ref],)
@@ -203,9 +216,19 @@ def register(ctx: Any) -> None:
                 dim = Embedder(settings.models.embedder, device=settings.models.device).dim
                 admitter.ensure_index(dim)
             await _retry(ctx, load_reserved, settings, admitter.index)
+        if admitter.index is not None:
+            ctx.metrics.set_index_counts(await ctx.run_blocking(_index_counts, admitter.index))
         log.info("admitter ready: index %s", settings.milvus.uri or "Milvus Lite")
         async for events in stream.take_events(adm.admit_batch_size, within=adm.batch_window_s):
             await _admit_events(ctx, admitter, events)
+
+
+def _index_counts(index: VectorIndex) -> dict[str, int]:
+    return {
+        KIND_SEED: index.count(KIND_SEED),
+        KIND_TURN: index.count(KIND_TURN),
+        KIND_EVAL: index.count(KIND_EVAL, reserved=True),
+    }
 
 
 async def _retry(ctx: Any, fn: Any, *args: Any) -> Any:
@@ -244,3 +267,9 @@ async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None
                 await ctx.dead_letter(pair[0], exc1, "admit")
     for (event, _), d in decided:
         await ctx.decisions.send(key=event.message.key, value=encode(d))
+    decisions = [d for _, d in decided]
+    ctx.metrics.observe(decisions)
+    # Only first acceptances add a vector (a replay finds its own key).
+    added = sum(d.accepted and not d.replayed for d in decisions)
+    if added:
+        ctx.metrics.index_vectors.labels(KIND_TURN).inc(added)

@@ -11,7 +11,9 @@ Two roles, each its own Faust app and consumer group:
   Milvus Lite requires anyway (one process per database file). Extra admitters
   are hot standbys: Kafka gives the partition to one of them.
 
-Run a worker with ``corpusfactory worker --role scorer|admitter``.
+Run a worker with ``corpusfactory worker --role scorer|admitter``. Each worker
+serves its metrics (``corpusfactory.metrics``, docs/metrics.md) on its role's
+``metrics.ports`` port, or ``--metrics-port``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import faust
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
 from corpusfactory.kafka_clients import ensure_topics, faust_broker_kwargs, resolve_bootstrap
+from corpusfactory.metrics import AdmitterMetrics, LagCollector, ScorerMetrics, serve_metrics
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,9 +39,12 @@ ROLES = ("scorer", "admitter")
 class StreamContext:
     """What an agent needs: settings, topics, and one inference thread."""
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
+    def __init__(
+        self, app: faust.App, settings: Settings, metrics: ScorerMetrics | AdmitterMetrics
+    ) -> None:
         self.app = app
         self.settings = settings
+        self.metrics = metrics
         # One thread: inference is serial per worker, and never on the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
@@ -80,14 +86,31 @@ class StreamContext:
             stage,
             record.error,
         )
+        self.metrics.deadletter.labels(stage).inc()
         await self.deadletter.send(key=msg.key, value=encode(record))
 
 
-def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
+def app_id_for(settings: Settings, role: str) -> str:
+    """The Faust app id of a role, which is also its Kafka consumer group."""
+    return f"{settings.kafka.topic_prefix}{settings.worker.app_id}-{role}"
+
+
+def create_app(
+    settings: Settings,
+    role: str,
+    bootstrap: str,
+    metrics: ScorerMetrics | AdmitterMetrics | None = None,
+) -> faust.App:
     """A Faust app for one role, with its agent registered."""
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
-    app_id = f"{settings.kafka.topic_prefix}{settings.worker.app_id}-{role}"
+    if metrics is None:
+        metrics = (
+            ScorerMetrics()
+            if role == "scorer"
+            else AdmitterMetrics(settings.metrics.acceptance_window)
+        )
+    app_id = app_id_for(settings, role)
     datadir = settings.state_path / "faust" / role
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -105,7 +128,7 @@ def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
         autodiscover=False,
         datadir=str(datadir),
     )
-    ctx = StreamContext(app, settings)
+    ctx = StreamContext(app, settings, metrics)
     if role == "scorer":
         from streams.score import register
 
@@ -117,10 +140,24 @@ def create_app(settings: Settings, role: str, bootstrap: str) -> faust.App:
     return app
 
 
-def run_worker(settings: Settings, role: str, loglevel: str = "INFO") -> None:
-    """Prepare topics, build the app and run it until SIGTERM/SIGINT."""
+def run_worker(
+    settings: Settings, role: str, loglevel: str = "INFO", metrics_port: int | None = None
+) -> None:
+    """Prepare topics, build the app, serve its metrics and run it until SIGTERM/SIGINT."""
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(settings, bootstrap)
-    app = create_app(settings, role, bootstrap)
+    metrics = (
+        ScorerMetrics() if role == "scorer" else AdmitterMetrics(settings.metrics.acceptance_window)
+    )
+    source = contract.CANDIDATES if role == "scorer" else contract.SCORED
+    lag = LagCollector(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
+    metrics.add_collector(lag)
+    server = serve_metrics(settings, role, metrics, metrics_port)
+    app = create_app(settings, role, bootstrap, metrics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if server is not None:
+            server.close()
+        lag.close()

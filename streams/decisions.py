@@ -5,7 +5,11 @@ single admission writer on a batch of scored turns, in order, given each turn's
 nearest stored neighbour. Rejection order follows the paper's loop: structural
 checks (empty, too long, wrong language), then decontamination (cosine with a
 reserved evaluation item > its threshold), then the diversity filter (cosine >
-threshold), then the quality filter (NLL >= threshold).
+threshold), then the quality filter (NLL >= threshold), then, for a turn the
+optional LLM judge rated, the judge's verdict (``judge_low``: score below
+``judge.threshold``; ``judge_unparsed``: no readable score, rejected unless
+``judge.on_unparsed`` is ``accept``). The judge is the most expensive check and
+comes last; the scorer only runs it on turns that passed its own checks.
 
 A batch is decided as if its turns arrived one by one: a turn is also compared
 with the turns accepted earlier in the same batch, which are not in the index
@@ -19,6 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+from corpusfactory.judge import JUDGE_LOW as JUDGE_LOW  # re-exported with the reasons below
+from corpusfactory.judge import JUDGE_UNPARSED as JUDGE_UNPARSED
+from corpusfactory.judge import OnUnparsed, judge_decision
 
 EMPTY = "empty"
 TOO_LONG = "too_long"
@@ -38,6 +46,10 @@ class Candidate:
     nll: float
     precheck: str  # "" or a structural rejection reason
     nll_threshold: float  # reject when nll >= this (fixed, or a percentile computed by the scorer)
+    judged: bool = False  # the LLM judge rated this turn
+    judge_score: float | None = None  # its 0-5 score, None when unreadable (or not judged)
+    judge_threshold: float = 0.0  # reject when judge_score < this
+    judge_on_unparsed: OnUnparsed = "reject"
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,12 @@ def decide(
         return False, DUPLICATE
     if not math.isfinite(cand.nll) or cand.nll >= cand.nll_threshold:
         return False, LOW_QUALITY
+    if cand.judged:
+        passed, reason = judge_decision(
+            cand.judge_score, cand.judge_threshold, cand.judge_on_unparsed
+        )
+        if not passed:
+            return False, reason
     return True, ACCEPTED
 
 
@@ -135,7 +153,7 @@ def decide_batch(
             verdicts.append(replace(prev, replayed=prev.accepted))
             continue
         best = near
-        if batch_vecs:
+        if batch_vecs and not cand.precheck:  # a pre-checked-out turn has no vector
             sims = np.stack(batch_vecs) @ cand.vector
             j = int(np.argmax(sims))
             if best is None or float(sims[j]) > best.similarity:

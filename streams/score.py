@@ -5,6 +5,14 @@ with its origin and error, and the partition keeps flowing. Valid turns are
 pre-checked (empty, too long, language), then embedded and NLL-scored in the
 inference thread, off the event loop. The agent never raises: Faust would ack
 and drop the message if it did.
+
+With ``judge.enabled``, the optional LLM judge (:mod:`corpusfactory.judge`) then
+rates, in the same inference thread and in batches, every assistant turn that
+has a ``prompt`` (the user turn it answers) and passed the checks above,
+NLL threshold included: a turn those reject is never judged, since the judge is
+the most expensive step and its verdict is applied last. User turns and
+assistant turns without a prompt are not judged. The judge is built once, when
+the agent starts, beside the other models.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 from corpusfactory import contract
 from corpusfactory.contract import CandidateTurn, ContractError, ScoredTurn, encode
 from corpusfactory.embedder import Embedder
+from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.scoring.nll import MLMScorer, nll_percentile
@@ -36,6 +45,7 @@ class ScoringModels:
     scorer: MLMScorer
     nll_threshold: float
     language: LanguageCheck | None
+    judge: Judge | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> ScoringModels:
@@ -61,10 +71,23 @@ class ScoringModels:
                 threshold,
             )
         language = LanguageCheck(adm.language, adm.language_min_chars) if adm.language else None
-        return cls(embedder, scorer, threshold, language)
+        judge = None
+        if settings.judge.enabled:
+            generator = make_judge_generator(settings.judge, models_dir)
+            try:
+                judge = Judge.from_settings(settings.judge, generator)
+            except Exception:
+                generator.close()
+                raise
+        return cls(embedder, scorer, threshold, language, judge)
+
+    def close(self) -> None:
+        """Release the judge's generator (the other models need nothing)."""
+        if self.judge is not None:
+            self.judge.generator.close()
 
     def score(self, turns: list[CandidateTurn], settings: Settings) -> list[ScoredTurn]:
-        """Blocking: pre-check, NLL-score and embed a batch."""
+        """Blocking: pre-check, NLL-score and embed a batch, then judge it (if enabled)."""
         adm = settings.admission
         texts = [t.text for t in turns]
         reasons = [
@@ -97,6 +120,13 @@ class ScoringModels:
         embedding: list[list[float]] = [[] for _ in turns]
         for i, v in zip(keep, vectors, strict=True):
             embedding[i] = [float(x) for x in v]
+        judged: dict[int, JudgeResult] = {}
+        if self.judge is not None:
+            todo = [i for i in keep if _judgeable(turns[i]) and nll[i] < self.nll_threshold]
+            if todo:
+                pairs = [(turns[i].prompt, texts[i]) for i in todo]
+                judged = dict(zip(todo, self.judge.rate(pairs), strict=True))
+            stage_s["judge"] = (time.perf_counter() - t2) / n
         now = time.time()
         return [
             ScoredTurn(
@@ -111,9 +141,28 @@ class ScoringModels:
                 nll_threshold=self.nll_threshold,
                 stage_s=stage_s,
                 scored_at=now,
+                **self._judge_fields(judged.get(i)),
             )
             for i, t in enumerate(turns)
         ]
+
+    def _judge_fields(self, res: JudgeResult | None) -> dict[str, Any]:
+        """The judge_* fields of a scored turn (none when the turn was not judged)."""
+        if res is None or self.judge is None:
+            return {}
+        return {
+            "judged": True,
+            "judge_score": res.score,
+            "judge_threshold": self.judge.threshold,
+            "judge_on_unparsed": self.judge.on_unparsed,
+            "judge": self.judge.id,
+            "judge_output": res.raw[: contract.JUDGE_OUTPUT_CHARS],
+        }
+
+
+def _judgeable(turn: CandidateTurn) -> bool:
+    """An assistant turn that answers a known user turn."""
+    return turn.role == "assistant" and bool(turn.prompt.strip())
 
 
 def register(ctx: Any) -> None:
@@ -123,9 +172,17 @@ def register(ctx: Any) -> None:
     @ctx.app.agent(ctx.candidates, name="score_turns", concurrency=1)
     async def score_turns(stream: Any) -> None:
         models: ScoringModels = await ctx.run_blocking(ScoringModels.load, settings)
-        log.info("scorer ready: embedder=%s scorer=%s", models.embedder.id, models.scorer.id)
-        async for events in stream.take_events(adm.score_batch_size, within=adm.batch_window_s):
-            await _score_events(ctx, models, events)
+        try:
+            log.info(
+                "scorer ready: embedder=%s scorer=%s judge=%s",
+                models.embedder.id,
+                models.scorer.id,
+                models.judge.id if models.judge else "off",
+            )
+            async for events in stream.take_events(adm.score_batch_size, within=adm.batch_window_s):
+                await _score_events(ctx, models, events)
+        finally:
+            models.close()
 
 
 async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> None:
@@ -158,6 +215,7 @@ async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> N
                 pairs.append((event, one[0]))
             except Exception as exc1:
                 await ctx.dead_letter(event, exc1, "score")
+    ctx.metrics.observe_batch([s for _, s in pairs])
     for event, s in pairs:
         s.origin_partition = event.message.partition
         s.origin_offset = event.message.offset

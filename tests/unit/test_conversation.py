@@ -368,3 +368,39 @@ def test_reject_unsent_counts_towards_the_retry_cap() -> None:
     assert conv.status == "truncated" and conv.finished_at == 2.0
     with pytest.raises(ValueError):
         conv.reject_unsent()
+
+
+# ---------------------------------------------------------------------------------
+# the LLM judge: prompts on candidates, scores kept with the accepted turns
+
+
+def test_an_assistant_candidate_carries_the_user_turn_it_answers() -> None:
+    conv = new_conv(target=4)
+    user = conv.new_pending("Qual è la capitale d'Italia?", "gen", now=0.0)
+    assert user.prompt == ""  # a user turn answers nothing
+    conv.apply(decision_for(user, True))
+    first = conv.new_pending("Parigi.", "gen", now=1.0)
+    assert (first.role, first.prompt) == ("assistant", "Qual è la capitale d'Italia?")
+    conv.apply(decision_for(first, False, reason="judge_low", judge_score=0.5))
+    retry = conv.new_pending("Roma.", "gen", now=2.0)
+    assert (retry.attempt, retry.prompt) == (1, "Qual è la capitale d'Italia?")
+    assert encode(conv.pending_candidate()) == encode(retry)  # re-sent identically
+    conv.apply(decision_for(retry, True, judge_score=4.5, judge_threshold=3.0, judge="j"))
+    assert conv.new_pending("Grazie!", "gen", now=3.0).prompt == ""
+
+
+def test_the_judge_score_is_stored_with_the_accepted_turn() -> None:
+    conv = new_conv(target=2)
+    user = conv.new_pending("Come stai?", "gen", now=0.0)
+    conv.apply(decision_for(user, True))
+    reply = conv.new_pending("Bene, grazie!", "gen", now=1.0)
+    conv.apply(decision_for(reply, True, judge_score=4.0, judge_threshold=3.0, judge="j"))
+    assert [m.judge_score for m in conv.messages] == [None, 4.0]
+    acc = decode_accepted(encode(conv.to_accepted("p-0", "gen")))
+    assert [t.judge_score for t in acc.turns] == [None, 4.0]
+    # The state survives a restart, and state saved before the judge existed loads.
+    assert Conversation.from_json(conv.to_json()) == conv
+    old = json.loads(conv.to_json())
+    for m in old["messages"]:
+        del m["judge_score"]
+    assert [m.judge_score for m in Conversation.from_dict(old).messages] == [None, None]

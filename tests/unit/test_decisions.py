@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from corpusfactory import contract
 from streams.decisions import (
     ACCEPTED,
     DUPLICATE,
     EMPTY,
+    JUDGE_LOW,
+    JUDGE_UNPARSED,
     LOW_QUALITY,
     TOO_LONG,
     WRONG_LANGUAGE,
@@ -139,3 +143,89 @@ def test_a_contaminated_turn_reports_the_evaluation_item_and_is_not_kept_in_the_
     ]
     with pytest.raises(ValueError, match="reserved"):
         decide_batch([cand("a", v)], [None], set(), 0.9, reserved=[])
+
+
+def judged(
+    ref: str,
+    vec: np.ndarray,
+    score: float | None,
+    threshold: float = 3.0,
+    on_unparsed: str = "reject",
+    nll: float = 1.0,
+) -> Candidate:
+    return Candidate(
+        ref=ref,
+        vector=vec,
+        nll=nll,
+        precheck="",
+        nll_threshold=2.0,
+        judged=True,
+        judge_score=score,
+        judge_threshold=threshold,
+        judge_on_unparsed="accept" if on_unparsed == "accept" else "reject",
+    )
+
+
+def test_judge_reasons_are_contract_reasons() -> None:
+    assert {JUDGE_LOW, JUDGE_UNPARSED} <= set(contract.REASONS)
+
+
+def test_the_judge_comes_last_after_every_other_filter() -> None:
+    v = unit(1, 0)
+    low = judged("a", v, 1.0)
+    assert decide(low, None, 0.9) == (False, JUDGE_LOW)
+    # every earlier filter wins over the judge's low score
+    assert decide(judged("a", v, 1.0, nll=5.0), None, 0.9) == (False, LOW_QUALITY)
+    assert decide(low, Nearest("s", 0.95), 0.9) == (False, DUPLICATE)
+    assert decide(low, None, 0.9, Nearest("eval:x", 0.95), 0.9) == (False, "contaminated")
+    assert decide(replace(low, precheck=EMPTY), None, 0.9) == (False, EMPTY)
+
+
+def test_judge_threshold_is_inclusive_and_configurable() -> None:
+    v = unit(1, 0)
+    assert decide(judged("a", v, 3.0), None, 0.9) == (True, ACCEPTED)  # score >= threshold
+    assert decide(judged("a", v, 2.5), None, 0.9) == (False, JUDGE_LOW)
+    assert decide(judged("a", v, 2.5, threshold=2.5), None, 0.9) == (True, ACCEPTED)
+    assert decide(judged("a", v, 0.0, threshold=0.0), None, 0.9) == (True, ACCEPTED)
+    assert decide(judged("a", v, 4.5, threshold=5.0), None, 0.9) == (False, JUDGE_LOW)
+
+
+def test_an_unreadable_verdict_follows_on_unparsed() -> None:
+    v = unit(1, 0)
+    assert decide(judged("a", v, None), None, 0.9) == (False, JUDGE_UNPARSED)
+    assert decide(judged("a", v, None, on_unparsed="accept"), None, 0.9) == (True, ACCEPTED)
+    # an accepted unparsed turn still meets the other filters
+    assert decide(judged("a", v, None, on_unparsed="accept", nll=3.0), None, 0.9) == (
+        False,
+        LOW_QUALITY,
+    )
+
+
+def test_a_turn_the_judge_did_not_rate_is_decided_without_it() -> None:
+    v = unit(1, 0)
+    # judged=False: no score is no verdict (a user turn, or the judge is off)
+    assert decide(cand("u", v), None, 0.9) == (True, ACCEPTED)
+    not_judged = replace(judged("u", v, None), judged=False)
+    assert decide(not_judged, None, 0.9) == (True, ACCEPTED)
+
+
+def test_a_turn_the_judge_rejected_is_no_neighbour_for_later_turns() -> None:
+    low = judged("low", unit(1, 0), 0.5)
+    twin = judged("twin", unit(1, 0.01), 4.0)
+    verdicts = decide_batch([low, twin], [None, None], set(), 0.9)
+    assert [v.reason for v in verdicts] == [JUDGE_LOW, ACCEPTED]
+    # a replayed turn (already in the index) is accepted again whatever its new score
+    again = decide_batch([judged("low", unit(1, 0), 0.5)], [None], {"low"}, 0.9)
+    assert (again[0].accepted, again[0].replayed) == (True, True)
+
+
+def test_a_pre_checked_out_turn_after_an_accepted_one_in_the_same_batch() -> None:
+    # A turn rejected before scoring has no embedding: it must not be compared with
+    # the turns accepted earlier in its batch (that used to raise, sinking the batch).
+    a = cand("a", unit(1, 0))
+    empty = cand("e", np.zeros(0, dtype=np.float32), pre=EMPTY)
+    verdicts = decide_batch([a, empty], [None, None], set(), 0.9)
+    assert [(v.accepted, v.reason, v.neighbour) for v in verdicts] == [
+        (True, ACCEPTED, ""),
+        (False, EMPTY, ""),
+    ]

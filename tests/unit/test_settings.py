@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from corpusfactory.errors import ConfigError
-from corpusfactory.settings import load_settings
+from corpusfactory.settings import JudgeSettings, load_settings
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -119,3 +119,54 @@ def test_evaluation_settings_report_every_problem_at_once() -> None:
     assert "squad_it needs squad_it_path" in text
     assert "['ami2020'] need evalita" in text
     assert "unknown evalita tasks ['x']" in text
+
+
+def test_judge_section_defaults_off_and_is_the_library_s_settings() -> None:
+    from corpusfactory import judge
+
+    s = load_settings(None, environ={})
+    assert isinstance(s.judge, judge.JudgeSettings)
+    assert judge.JudgeSettings is JudgeSettings  # re-exported by corpusfactory.judge
+    assert (s.judge.enabled, s.judge.threshold, s.judge.on_unparsed) == (False, 3.0, "reject")
+
+
+def test_judge_settings_from_file_and_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "j.yaml"
+    cfg.write_text(
+        "judge:\n  enabled: true\n  backend: transformers\n  model: demo:generator\n"
+        "  template: '{instruction} => {response}'\n"
+    )
+    s = load_settings(cfg, environ={"CORPUSFACTORY_JUDGE__THRESHOLD": "4.5"})
+    assert (s.judge.enabled, s.judge.model, s.judge.threshold) == (True, "demo:generator", 4.5)
+    assert s.judge.template == "{instruction} => {response}"
+
+
+def test_judge_problems_name_their_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            None,
+            environ={},
+            overrides={
+                "judge": {"enabled": True, "threshold": 7, "on_unparsed": "maybe", "bogus": 1}
+            },
+        )
+    text = str(err.value)
+    for where in ("judge.threshold", "judge.on_unparsed", "judge.bogus"):
+        assert where in text, where
+    with pytest.raises(ConfigError, match=r"judge\.enabled needs judge\.model"):
+        load_settings(None, environ={}, overrides={"judge": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"judge\.template: .*lacks the placeholder"):
+        load_settings(None, environ={}, overrides={"judge": {"template": "only {response}"}})
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(ConfigError, match=r"judge\.template: cannot read the judge template"):
+        load_settings(
+            None,
+            environ={},
+            overrides={"judge": {"enabled": True, "model": "m", "template": str(missing)}},
+        )
+    # A template file is read (and checked) only when the judge is on.
+    assert load_settings(None, environ={}, overrides={"judge": {"template": str(missing)}})
+    good = tmp_path / "t.txt"
+    good.write_text("Q: {instruction}\nA: {response}\nVoto:", encoding="utf-8")
+    on = {"judge": {"enabled": True, "model": "m", "template": str(good)}}
+    assert load_settings(None, environ={}, overrides=on).judge.template == str(good)

@@ -18,6 +18,7 @@ from consumers.store import (
     quantiles,
 )
 from corpusfactory.contract import (
+    REASONS,
     SCHEMA_VERSION,
     AcceptedConversation,
     AcceptedTurn,
@@ -105,7 +106,9 @@ def test_export_record_schema_and_order() -> None:
         "neighbour_id",
         "embedder",
         "scorer",
+        "judge_score",
     ]
+    assert rec["turns"][0]["judge_score"] is None  # not judged
     assert rec["turns"][0]["text"] == "Messaggio 0 di a: perché sì, è così."
 
 
@@ -283,13 +286,13 @@ def test_stats_math(tmp_path: Path) -> None:
     assert turns["accepted"] == 3
     assert turns["rejected"] == 3
     assert turns["acceptance_rate"] == pytest.approx(0.5)
+    # every contract reason, zeros included
     assert turns["by_reason"] == {
+        **dict.fromkeys(REASONS, 0),
         "accepted": 3,
         "duplicate": 1,
         "low_quality": 1,
         "empty": 1,
-        "too_long": 0,
-        "wrong_language": 0,
     }
     # accepted NLLs: 0.5, 1, 2 -> p10 = 0.5 + 0.2*0.5, p25 = 0.75, p50 = 1, p75 = 1.5, p90 = 1.8
     assert turns["nll_accepted"] == pytest.approx(

@@ -28,6 +28,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError
 from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.metrics import EvaluatorMetrics
 from corpusfactory.settings import Settings
 from training.evaluation.runner import Evaluator
 from training.snapshots import BASE_ID, SnapshotError
@@ -36,10 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class EvaluatorService:
-    def __init__(self, settings: Settings, bootstrap: str) -> None:
+    def __init__(
+        self, settings: Settings, bootstrap: str, metrics: EvaluatorMetrics | None = None
+    ) -> None:
         self.s = settings
         self.bootstrap = bootstrap
         self.evaluator = Evaluator(settings)
+        self.metrics = metrics or EvaluatorMetrics()
         self.topic = settings.topic(SNAPSHOTS)
         self.group_id = f"{settings.kafka.topic_prefix}{settings.evaluation.group_id}"
         self._producer: KafkaProducer | None = None
@@ -58,6 +62,11 @@ class EvaluatorService:
         self._consumer.assign([self._tp])
         if self._consumer.committed(self._tp) is None:
             self._consumer.seek_to_beginning(self._tp)
+        # What earlier runs evaluated is exported too: a restart keeps the dashboards whole.
+        store, base = self.evaluator.store, self.s.training.base_model
+        self.metrics.observe(BASE_ID, store.evaluations(BASE_ID, base), counted=False)
+        for snap in store.all():
+            self.metrics.observe(snap.id, store.evaluations(snap.id), counted=False)
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -103,6 +112,7 @@ class EvaluatorService:
             out[task] = results
             log.info("%s %s: %s", model_id, task, _headline(results))
         self._producer.flush(timeout=30)
+        self.metrics.observe(model_id, out)
         return out
 
     def run(self, stop: threading.Event | None = None, once: bool = False) -> int:

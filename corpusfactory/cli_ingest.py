@@ -1,0 +1,104 @@
+"""The ``corpusfactory ingest`` command: refine an existing chat corpus, then admit it.
+
+    corpusfactory ingest FILE --format fauno|baize|oasst|jsonl [--dry-run] [--json]
+                         [--language it] [--min-chars N] [--keep-non-target] [--in-flight N]
+
+The refinement (method.md §4, ``corpusfactory.ingest``) runs first and its report
+is printed. Without ``--dry-run`` the surviving conversations then go through the
+factory's scoring and admission turn by turn (``corpusfactory.ingest.publish``),
+and the accepted prefixes are published to ``corpus.accepted``; the publishing
+counts are printed under ``publish``. The scorer and admitter workers must be
+running on the broker (``KAFKA_BOOTSTRAP_SERVERS``, or the embedded one, which
+must already be started: without workers nothing would ever be decided).
+
+Bad input (a file that is not the given format) raises ``IngestError`` naming the
+file and line before anything is sent; ``corpusfactory.cli.main`` exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from corpusfactory.settings import Settings
+
+SettingsFn = Callable[[argparse.Namespace], Settings]
+
+
+def cmd_ingest(args: argparse.Namespace, s: Settings) -> int:
+    import asyncio
+
+    from corpusfactory.ingest import refine_file
+
+    options: dict[str, Any] = {
+        "language": args.language,
+        "min_chars": args.min_chars,
+        "drop_non_target": not args.keep_non_target,
+    }
+    # The whole file is refined before anything is sent: a broken line fails the
+    # run with nothing half-published.
+    conversations, report = refine_file(args.file, args.format, **options)
+    out: dict[str, Any] = dict(report)
+    if not args.dry_run:
+        from corpusfactory.ingest.publish import IngestPublisher, run_identity
+        from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+
+        bootstrap = resolve_bootstrap(s, start_embedded=False)
+        ensure_topics(s, bootstrap)
+        namespace, run_id = run_identity(args.file, args.format, **options)
+        publisher = IngestPublisher(
+            s, bootstrap, args.format, namespace, run_id, in_flight=args.in_flight
+        )
+        out["publish"] = asyncio.run(publisher.run(conversations)).as_dict()
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        _print_plain(out)
+    return 0
+
+
+def _print_plain(out: dict[str, Any], indent: str = "") -> None:
+    for key, value in out.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_plain(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key}: {value:.2f}")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def add_commands(
+    add: Callable[[str, Callable[[argparse.Namespace], int], str], Any], settings: SettingsFn
+) -> None:
+    from corpusfactory.ingest.formats import FORMATS
+
+    p = add(
+        "ingest",
+        lambda args: cmd_ingest(args, settings(args)),
+        "Refine a chat corpus (method.md §4) and send it through scoring and admission.",
+    )
+    p.add_argument("file", help="the corpus file (a JSON list or JSONL)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="how to read the file")
+    p.add_argument("--dry-run", action="store_true", help="refine and report only: send nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--language", default="it", help="target language, ISO 639-1 (default it)")
+    p.add_argument(
+        "--min-chars",
+        type=int,
+        default=20,
+        help="shorter messages are not language-checked (default 20)",
+    )
+    p.add_argument(
+        "--keep-non-target",
+        action="store_true",
+        help="count other-language messages but keep them (default: cut before them)",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        default=32,
+        help="conversations waiting on a decision at once (default 32)",
+    )

@@ -1,0 +1,326 @@
+"""The run report: a static HTML page with PNG plots of what a run left on disk.
+
+    from corpusfactory.report import build_report
+    from corpusfactory.settings import load_settings
+
+    result = build_report(load_settings("configs/demo.yaml"), Path("report"))
+
+or from the shell ``corpusfactory report --config configs/demo.yaml [--out DIR]
+[--no-seeds] [--json]`` (``corpusfactory.cli_report``). Open ``index.html`` in a
+browser; ``report.json`` beside it holds the same counts for scripts.
+
+What it reads, all under ``state_dir`` and read-only (a running writer is fine):
+
+* the corpus store (``<state_dir>/corpus``): the accepted conversations and the
+  decision shards. A turn may have several decision records (a replayed turn is
+  answered again with its first decision); each turn counts once, with its first
+  non-replayed decision (or its first record, when only replays were stored);
+* the seed messages (``producer.seed_file``), NLL-scored with ``models.scorer``
+  like the scorer worker does, unless ``seeds_nll=False``;
+* the evaluations of the base model and of every snapshot (``eval compare``).
+
+Figures (``corpusfactory.report_plots``): ``nll_by_corpus.png`` (the paper's
+figure 4 for this run: NLL of the seeds, of the generated and ingested turns
+that were scored, and of the accepted turns), ``acceptance_over_time.png``,
+``cosine_hist.png`` and ``evaluation.png``. A series without data is left out
+and a figure without any data is not drawn; the page says which and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumers.store import CorpusStore, CorpusStoreError, corpus_dir, quantiles
+from corpusfactory.contract import REASONS
+from corpusfactory.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SELFCHAT = "selfchat"
+CORPORA = ("seeds", "generated", "accepted", "ingested")
+HTML_NAME = "index.html"
+JSON_NAME = "report.json"
+FIGURE_NAMES = ("nll_by_corpus", "acceptance_over_time", "cosine_hist", "evaluation")
+
+
+@dataclass(frozen=True)
+class FigureResult:
+    """One figure written: its file (in the report directory) and points per series."""
+
+    name: str
+    file: str
+    caption: str
+    series: dict[str, int]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.file,
+            "caption": self.caption,
+            "series": dict(self.series),
+            "details": dict(self.details),
+        }
+
+
+@dataclass
+class ReportResult:
+    """What ``build_report`` wrote: the page, its JSON, the figures and what is missing."""
+
+    out_dir: Path
+    html: Path
+    json: Path
+    figures: list[FigureResult]
+    missing: dict[str, str]  # figure name -> why it was not drawn
+    notes: list[str]  # series left out, inputs not found
+    counts: dict[str, Any]
+
+    def figure(self, name: str) -> FigureResult:
+        for fig in self.figures:
+            if fig.name == name:
+                return fig
+        raise KeyError(f"figure {name!r} was not drawn: {self.missing.get(name, 'unknown')}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "html": str(self.html),
+            "json": str(self.json),
+            "figures": [f.as_dict() for f in self.figures],
+            "missing": dict(self.missing),
+            "notes": list(self.notes),
+            "counts": self.counts,
+        }
+
+
+@dataclass
+class RunData:
+    """The inputs of a report, read once."""
+
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # one per turn
+    decision_records: int = 0
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+    seeds_nll: list[float] | None = None  # None: not scored
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def first_decisions(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One decision per turn: its first non-replayed record, else its first record.
+
+    A replayed decision repeats the first one, so counting it again would count the
+    turn twice; it only stands in for a turn whose first record is not stored. The
+    turns keep the order in which they first appear.
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        tid = rec["turn_id"]
+        prev = chosen.get(tid)
+        if prev is None or (prev.get("replayed") and not rec.get("replayed")):
+            chosen[tid] = rec
+    return list(chosen.values())
+
+
+def number(value: Any) -> float | None:
+    """A finite number as a float, else None (a missing field, NaN, a string, a bool)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    return [v for v in map(number, values) if v is not None]
+
+
+def _scored(decisions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Decisions of turns that were NLL-scored (a turn rejected before has nll = -1)."""
+    return [d for d in decisions if _finite([d.get("nll")]) and float(d["nll"]) >= 0.0]
+
+
+def nll_series(data: RunData) -> dict[str, list[float]]:
+    """NLL values per corpus (``CORPORA``); a corpus without any value is absent."""
+    scored = _scored(data.decisions)
+    series: dict[str, list[float]] = {
+        "seeds": list(data.seeds_nll or ()),
+        "generated": [float(d["nll"]) for d in scored if d.get("source") == SELFCHAT],
+        "accepted": [
+            v
+            for conv in data.conversations
+            for v in _finite(t.get("nll") for t in conv.get("turns") or ())
+            if v >= 0.0
+        ],
+        # Records written before decisions carried a source have "" and are neither.
+        "ingested": [
+            float(d["nll"]) for d in scored if str(d.get("source") or "") not in ("", SELFCHAT)
+        ],
+    }
+    return {name: values for name, values in series.items() if values}
+
+
+def searched_similarities(decisions: Iterable[dict[str, Any]]) -> list[float]:
+    """Cosine with the nearest stored vector, for turns that were searched."""
+    return _finite(d.get("similarity") for d in decisions if d.get("neighbour_id"))
+
+
+def common_threshold(decisions: Iterable[dict[str, Any]], key: str) -> float | None:
+    """The threshold most decisions were made with (None when none records one)."""
+    seen = Counter(v for v in _finite(d.get(key) for d in decisions) if v > 0.0)
+    return seen.most_common(1)[0][0] if seen else None
+
+
+def seed_nll(settings: Settings) -> list[float]:
+    """NLL of every distinct seed message, scored as the scorer worker scores turns."""
+    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.seeds import load_seeds, seed_messages
+
+    adm = settings.admission
+    texts = [
+        text
+        for _, text in seed_messages(
+            load_seeds(settings.producer.seed_file, settings.producer.seed_format)
+        )
+    ]
+    scorer = MLMScorer(
+        resolve_model(settings.models.scorer, settings.models.models_dir),
+        device=settings.models.device,
+        max_tokens=adm.max_tokens,
+        masked_batch_size=adm.masked_batch_size,
+        granularity=adm.nll_granularity,
+    )
+    # Too long or empty messages get no score; the worker rejects such turns unscored.
+    return [r.nll for r in scorer.score(texts) if not r.too_long and r.tokens > 0]
+
+
+def _eval_rows(settings: Settings) -> list[dict[str, Any]]:
+    # SnapshotStore creates its directory; a report must not write into the state,
+    # and without the directory there is no evaluation to read anyway.
+    if not settings.snapshots_path.is_dir():
+        return []
+    from training.evaluation.compare import compare_rows
+
+    return compare_rows(settings)
+
+
+def read_run(settings: Settings, *, seeds_nll: bool = True) -> RunData:
+    """Everything the report shows, read from the state directory (never written)."""
+    data = RunData()
+    path = corpus_dir(settings)
+    try:
+        store = CorpusStore(path, read_only=True)
+    except CorpusStoreError as exc:
+        data.notes.append(f"no corpus: {exc}")
+    else:
+        records = list(store.iter_decisions())
+        data.decision_records = len(records)
+        data.decisions = first_decisions(records)
+        data.conversations = list(store.iter_conversations())
+        corrupt = int(store.stats()["corrupt_lines"])
+        if corrupt:
+            data.notes.append(f"{corrupt} unreadable line(s) in the corpus shards were skipped")
+    if seeds_nll:
+        data.seeds_nll = seed_nll(settings)
+    else:
+        data.notes.append("seed messages not scored (seeds_nll=False / --no-seeds)")
+    data.eval_rows = _eval_rows(settings)
+    return data
+
+
+def _reason_counts(decisions: list[dict[str, Any]]) -> dict[str, int]:
+    found = Counter(str(d["reason"]) for d in decisions)
+    out = {r: found.pop(r, 0) for r in REASONS}
+    out.update(sorted(found.items()))  # reasons this version does not know, if any
+    return out
+
+
+def compute_counts(data: RunData, series: dict[str, list[float]]) -> dict[str, Any]:
+    """The report's tables (also ``report.json``)."""
+    decided = len(data.decisions)
+    accepted = sum(1 for d in data.decisions if d.get("accepted"))
+    by_source = Counter(str(d.get("source") or "") for d in data.decisions)
+    conv_sources = Counter(str(c.get("source", "")) for c in data.conversations)
+    return {
+        "decisions": {
+            "records": data.decision_records,
+            "turns": decided,
+            "repeated_records": data.decision_records - decided,
+            "accepted": accepted,
+            "acceptance_rate": accepted / decided if decided else None,
+            "by_reason": _reason_counts(data.decisions),
+            "by_source": dict(sorted(by_source.items())),
+            "nll_threshold": common_threshold(data.decisions, "nll_threshold"),
+            "similarity_threshold": common_threshold(data.decisions, "similarity_threshold"),
+        },
+        "conversations": {
+            "total": len(data.conversations),
+            "by_source": dict(sorted(conv_sources.items())),
+            "turns": sum(len(c.get("turns") or ()) for c in data.conversations),
+        },
+        "nll": {
+            name: {"n": len(series.get(name, ())), **quantiles(series.get(name, ()))}
+            for name in CORPORA
+        },
+        "evaluations": len(data.eval_rows),
+    }
+
+
+def build_report(
+    settings: Settings, out_dir: str | os.PathLike[str], *, seeds_nll: bool = True
+) -> ReportResult:
+    """Read the run of ``settings`` and write ``index.html``, ``report.json`` and the PNGs."""
+    from corpusfactory.report_html import render_html
+    from corpusfactory.report_plots import draw_figures
+
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = read_run(settings, seeds_nll=seeds_nll)
+    series = nll_series(data)
+    counts = compute_counts(data, series)
+    notes = list(data.notes)
+    notes.extend(
+        f"NLL by corpus: no {name} data, series left out" for name in CORPORA if name not in series
+    )
+    unsourced = sum(1 for d in _scored(data.decisions) if not d.get("source"))
+    if unsourced:
+        notes.append(
+            f"{unsourced} scored turn(s) without a recorded source (decided before decisions "
+            "carried one) are in neither the generated nor the ingested series"
+        )
+    untimed = sum(1 for d in data.decisions if (number(d.get("decided_at")) or 0.0) <= 0.0)
+    if untimed:
+        notes.append(f"{untimed} decided turn(s) without a decision time are not on the timeline")
+    figures, missing = draw_figures(data, series, counts, out)
+    for name in FIGURE_NAMES:
+        if name in missing:
+            # A figure of an earlier report in this directory must not pass for this run's.
+            (out / f"{name}.png").unlink(missing_ok=True)
+    result = ReportResult(
+        out_dir=out,
+        html=out / HTML_NAME,
+        json=out / JSON_NAME,
+        figures=figures,
+        missing=missing,
+        notes=notes,
+        counts=counts,
+    )
+    generated_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    _write_text(result.json, json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n")
+    _write_text(result.html, render_html(settings, result, data.eval_rows, generated_at))
+    log.info("report: %s (%d figure(s), %d missing)", result.html, len(figures), len(missing))
+    return result
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write beside, then rename: a browser reloading the page never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
