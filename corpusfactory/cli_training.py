@@ -64,15 +64,21 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
+    from corpusfactory.contract import SNAPSHOTS
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
-    from corpusfactory.metrics import EvaluatorMetrics, metrics_endpoint
+    from corpusfactory.metrics import EvaluatorMetrics, LagCollector, metrics_endpoint
     from training.evaluation.service import EvaluatorService
 
     bootstrap = resolve_bootstrap(s, start_embedded=False)
     ensure_topics(s, bootstrap)
     metrics = EvaluatorMetrics()
     port = 0 if args.once else args.metrics_port  # a one-off run is never scraped
+    lag = LagCollector(
+        s, bootstrap, f"{s.kafka.topic_prefix}{s.evaluation.group_id}", [s.topic(SNAPSHOTS)]
+    )
+    metrics.add_collector(lag)
     with (
+        contextlib.closing(lag),
         EvaluatorService(s, bootstrap, metrics) as service,
         metrics_endpoint(s, "evaluator", metrics, port),
     ):
