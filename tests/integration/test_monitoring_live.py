@@ -179,7 +179,8 @@ def test_every_component_is_scraped(live: LiveRun) -> None:
     up = live.prometheus.query_range("up", live.started, live.ended, 2)
     jobs = {s["metric"]["job"] for s in up if any(v[1] == "1" for v in s["values"])}
     assert jobs == {f"corpusfactory-{c}" for c in (*COMPONENTS, "server")}
-    info = live.prometheus.query("corpusfactory_component_info", live.ended)
+    # The producer exits once its conversations are done: over the run, not at its end.
+    info = live.prometheus.query_range("corpusfactory_component_info", live.started, live.ended, 2)
     assert {s["metric"]["component"] for s in info} == set(COMPONENTS)
 
 

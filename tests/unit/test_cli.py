@@ -27,6 +27,17 @@ COMMANDS = [
     "builds",
     "serve",
     "chat",
+    "ingest",
+    "report",
+]
+# Long-running components: each takes --metrics-port (docs/metrics.md).
+METRICS_COMMANDS = [
+    ["worker"],
+    ["produce"],
+    ["corpus"],
+    ["train"],
+    ["evaluate"],
+    ["build"],
 ]
 EVAL_ACTIONS = ["run", "compare", "metrics"]
 
@@ -46,6 +57,14 @@ def test_every_command_has_help(cmd: str, capsys) -> None:
         main([cmd, "--help"])
     assert exc.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", METRICS_COMMANDS)
+def test_every_long_running_command_takes_a_metrics_port(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    assert "--metrics-port" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("action", EVAL_ACTIONS)

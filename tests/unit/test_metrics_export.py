@@ -233,3 +233,34 @@ def test_a_port_in_use_is_a_clear_error() -> None:
         port = sock.getsockname()[1]
         with pytest.raises(ConfigError, match=r"--metrics-port or metrics\.ports\.scorer"):
             serve_metrics(_settings(), "scorer", AdmitterMetrics(), port=port)
+
+
+def test_writer_counts_follow_the_store_and_survive_a_reopen(tmp_path: Any) -> None:
+    from consumers.store import CorpusStore
+    from tests.unit.test_store import conv
+    from tests.unit.test_store import decision as stored_decision
+
+    with CorpusStore(tmp_path) as store:
+        store.write_batch(
+            [conv("a", 2), conv("b", 3, truncated=True), conv("c", 4, source="fauno")],
+            [stored_decision("t1", True, "accepted", 1.0)],
+        )
+        store.write_batch([conv("a", 2)])  # already stored: not counted again
+        live = store.counts()
+    with CorpusStore(tmp_path, read_only=True) as reopened:
+        assert reopened.counts() == live
+    w = WriterMetrics()
+    w.set_counts(*live)
+    got = samples(w)
+    conversations = {
+        labels: v
+        for (name, labels), v in got.items()
+        if name == "corpusfactory_corpus_conversations"
+    }
+    assert conversations == {
+        (("source", "selfchat"), ("truncated", "false")): 1,
+        (("source", "selfchat"), ("truncated", "true")): 1,
+        (("source", "fauno"), ("truncated", "false")): 1,
+    }
+    assert got["corpusfactory_corpus_messages", ()] == 9
+    assert got["corpusfactory_corpus_decisions", ()] == 1
