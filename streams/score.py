@@ -29,7 +29,8 @@ from corpusfactory.embedder import Embedder
 from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
 from corpusfactory.models.demo import resolve_model
-from corpusfactory.scoring.nll import MLMScorer, nll_percentile
+from corpusfactory.scoring.calibration import seed_nll_threshold
+from corpusfactory.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from streams.decisions import TOO_LONG, precheck
@@ -63,12 +64,13 @@ class ScoringModels:
         if adm.nll_threshold_percentile is not None:
             seeds = load_seeds(settings.producer.seed_file, settings.producer.seed_format)
             texts = [m.text for conv in seeds for m in conv.messages]
-            threshold = nll_percentile(scorer, texts, adm.nll_threshold_percentile)
+            threshold, cached = seed_nll_threshold(scorer, texts, adm.nll_threshold_percentile)
             log.info(
-                "NLL threshold = p%.0f of %d seed messages = %.4f",
+                "NLL threshold = p%.0f of %d seed messages = %.4f%s",
                 adm.nll_threshold_percentile,
                 len(texts),
                 threshold,
+                " (cached)" if cached else "",
             )
         language = LanguageCheck(adm.language, adm.language_min_chars) if adm.language else None
         judge = None

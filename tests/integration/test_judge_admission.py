@@ -4,13 +4,14 @@ judge is the demo generator (transformers backend), and the admitter.
 The demo generator is a toy that imitates the seed conversations: given the built-in
 judge template it writes Italian chatter, never a score (the library's end-to-end
 test shows that: every output is ``judge_unparsed``). To reach parsed scores through
-the real model, this test's template ends inside a year the model learned from the
-seeds ("Nel 186", as in "Nel 1865 la capitale...") and asks for one new token: the
-model writes one digit, which depends on the pair it read (5, 6 or 0 for the pairs
-below). ``parse_score`` reads 5 and 0 as scores and 6 as out of range (unparsed), so
-the three outcomes are: accepted (5 >= 3), ``judge_low`` (0 < 3) and
-``judge_unparsed`` (rejected). The expected scores are not hard-coded: the test runs
-the same judge in-process and compares. A real judge model uses the built-in template.
+the real model, the test's answers end inside a year the model learned from the
+seeds ("... Nel 186", as in "Nel 1865 la capitale...") and the judge writes one
+new token: a digit after "Nel 186" (5) and "Nel 188" (0), a word after "Nel 185".
+``parse_score`` reads 5 and 0 as scores and a word as unparsed, so the three
+outcomes are: accepted (5 >= 3), ``judge_low`` (0 < 3) and ``judge_unparsed``
+(rejected). The expected scores are not hard-coded: the test runs the same judge
+in-process first and takes, for each outcome, a pair the model rates that way here.
+A real judge model uses the built-in template.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ from tests.integration.pipeline_util import decisions_by_turn, producer, read_to
 
 pytestmark = pytest.mark.integration
 
-# The model continues "Nel 186" with one digit (see the module docstring).
-TEMPLATE = "[|Umano|] {instruction}\n[|Assistente|] {response}\n[|Umano|] . Nel 186"
+# The judge's template: the pair as a chat, and the model continues the answer.
+TEMPLATE = "[|Umano|] {instruction}\n[|Assistente|] {response}"
 THRESHOLD = 3.0
+# Answers that end inside a year the model learned: it continues with one token,
+# a digit for the first two ("Nel 1865", "Nel 1880"), a word for the third.
+ENDINGS = {"high": " Nel 186", "low": " Nel 188", "unparsed": " Nel 185"}
 # The self-chat run's judge: the model continues "e nel 187" with 1 or, rarely, 0.
 SELFCHAT_TEMPLATE = "[|Umano|] {instruction}\n[|Assistente|] {response}\n[|Umano|] e nel 187"
 SELFCHAT_THRESHOLD = 1.0
-PAIRS = {
+POOL = {
     "capitale": ("Qual è la capitale d'Italia?", "La capitale d'Italia è Roma."),
     "libro": ("Mi consigli un libro?", "Ti consiglio I promessi sposi di Alessandro Manzoni."),
     "moka": (
@@ -55,7 +59,51 @@ PAIRS = {
     ),
     "cartoni": ("Dove vanno i cartoni della pizza?", "Nella carta, se non sono troppo unti."),
     "cielo": ("Perché il cielo è blu?", "Perché l'aria diffonde soprattutto la luce blu."),
+    "treno": ("A che ora parte il treno?", "Il primo treno per Bologna parte alle sette."),
+    "pasta": ("Quanto sale metto nella pasta?", "Circa dieci grammi per litro d'acqua."),
+    "montagna": ("Dove andiamo in montagna?", "Le Dolomiti sono bellissime in estate."),
+    "storia": ("Chi ha unificato l'Italia?", "Garibaldi, Cavour e Vittorio Emanuele II."),
+    "gatto": ("Il mio gatto non mangia, che faccio?", "Portalo dal veterinario se dura."),
+    "lingua": ("Come imparo l'inglese?", "Leggi ogni giorno e parla con persone del posto."),
+    "pioggia": ("Domani piove?", "Le previsioni dicono sole al mattino e pioggia la sera."),
 }
+
+
+@dataclass(frozen=True)
+class JudgeCase:
+    """One pair per outcome, and what the judge makes of each here."""
+
+    pairs: dict[str, tuple[str, str]]  # outcome name -> (instruction, response)
+    scores: dict[str, float | None]  # outcome name -> the judge's score
+    raws: dict[str, str]  # outcome name -> the judge's output
+
+
+def _outcome(score: float | None) -> str:
+    return "unparsed" if score is None else "high" if score >= THRESHOLD else "low"
+
+
+def pick_case(settings: Settings) -> JudgeCase:
+    """For each outcome, the first pool pair (each a different one) whose answer, with
+    that outcome's ending, the same judge run here rates that way."""
+    gen = make_judge_generator(settings.judge, settings.models.models_dir)
+    try:
+        judge = Judge.from_settings(settings.judge, gen)
+        pairs, scores, raws, used = {}, {}, {}, set()
+        tried: dict[str, list[str]] = {}
+        for outcome, ending in ENDINGS.items():
+            names = [n for n in POOL if n not in used]
+            rated = judge.rate([(POOL[n][0], POOL[n][1] + ending) for n in names])
+            tried[outcome] = [r.raw for r in rated]
+            for name, r in zip(names, rated, strict=True):
+                if _outcome(r.score) == outcome:
+                    used.add(name)
+                    pairs[outcome] = (POOL[name][0], POOL[name][1] + ending)
+                    scores[outcome], raws[outcome] = r.score, r.raw
+                    break
+    finally:
+        gen.close()
+    assert set(pairs) == set(ENDINGS), f"the demo model rates no pair that way: {tried}"
+    return JudgeCase(pairs, scores, raws)
 
 
 @dataclass
@@ -63,6 +111,7 @@ class JudgeStack:
     settings: Settings
     bootstrap: str
     scorer: WorkerProcess  # the scorer running now (a test may swap it)
+    case: JudgeCase
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +134,7 @@ def judge_stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Jud
             "on_unparsed": "reject",
         },
     )
+    case = pick_case(settings)
     ensure_topics(settings, kafka_bootstrap)
     admitter = WorkerProcess(settings, "admitter").start()
     scorer = WorkerProcess(settings, "scorer").start()
@@ -92,25 +142,12 @@ def judge_stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Jud
         admitter.wait_ready()
         scorer.wait_ready()
         assert "judge=transformers:generator" in scorer.log_text()
-        stack = JudgeStack(settings, kafka_bootstrap, scorer)
+        stack = JudgeStack(settings, kafka_bootstrap, scorer, case)
         yield stack
         scorer = stack.scorer
     finally:
         scorer.stop()
         admitter.stop()
-
-
-def expected_scores(settings: Settings) -> dict[str, float | None]:
-    """What the same judge, run here, makes of each pair: parse_score of its output."""
-    gen = make_judge_generator(settings.judge, settings.models.models_dir)
-    try:
-        judge = Judge.from_settings(settings.judge, gen)
-        results = judge.rate(list(PAIRS.values()))
-    finally:
-        gen.close()
-    for r in results:
-        assert len(r.raw.strip()) == 1 and r.raw.strip().isdigit(), r.raw  # one digit
-    return {name: r.score for name, r in zip(PAIRS, results, strict=True)}
 
 
 def send(settings: Settings, bootstrap: str, cands: list[contract.CandidateTurn]) -> None:
@@ -142,14 +179,16 @@ def make_turn(conv: str, index: int, text: str, prompt: str = "") -> contract.Ca
 def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     judge_stack: JudgeStack,
 ) -> None:
-    s, bootstrap = judge_stack.settings, judge_stack.bootstrap
-    expected = expected_scores(s)
-    # The template gives all three outcomes on these pairs (else the model changed).
-    assert {expected["capitale"], expected["moka"], expected["libro"]} == {5.0, 0.0, None}
+    s, bootstrap, case = judge_stack.settings, judge_stack.bootstrap, judge_stack.case
+    expected = case.scores
+    threshold = THRESHOLD
+    hi, lo = expected["high"], expected["low"]
+    assert hi is not None and lo is not None and lo < threshold <= hi
+    assert expected["unparsed"] is None
 
     run = uuid.uuid4().hex[:6]
     cands: list[contract.CandidateTurn] = []
-    for name, (question, answer) in PAIRS.items():
+    for name, (question, answer) in case.pairs.items():
         cands.append(make_turn(f"j{run}-{name}", 0, question))
         cands.append(make_turn(f"j{run}-{name}", 1, answer, prompt=question))
     # An assistant turn whose producer did not say what it answers: not judged.
@@ -176,12 +215,12 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
         name = c.conversation_id.split("-", 1)[1]
         want = expected[name]
         assert d.judge_score == want, name
-        assert d.judge_threshold == THRESHOLD and d.judge == "transformers:generator", name
+        assert d.judge_threshold == threshold and d.judge == "transformers:generator", name
         # every other filter passed (no duplicate, NLL threshold 1000): the judge decides
         assert d.similarity <= s.admission.similarity_threshold, name
         if want is None:
             assert (d.accepted, d.reason) == (False, JUDGE_UNPARSED), name
-        elif want < THRESHOLD:
+        elif want < threshold:
             assert (d.accepted, d.reason) == (False, JUDGE_LOW), name
         else:
             assert (d.accepted, d.reason) == (True, "accepted"), name
@@ -196,7 +235,8 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
         x = outputs[c.turn_id]
         assert x.judged == bool(c.prompt), c.turn_id
         if x.judged:
-            assert x.judge_output.strip().isdigit() and x.judge_on_unparsed == "reject"
+            name = c.conversation_id.split("-", 1)[1]
+            assert x.judge_output == case.raws[name] and x.judge_on_unparsed == "reject"
 
     # Sent again (a producer re-sending after a timeout): the logged decision comes back,
     # judge score included.

@@ -183,11 +183,11 @@ class Evaluator:
         a = self.s.admission
         if a.nll_threshold_percentile is None:
             return a.nll_threshold
-        from corpusfactory.scoring.nll import nll_percentile
+        from corpusfactory.scoring.calibration import seed_nll_threshold
 
         p = self.s.producer
         texts = [m.text for c in load_seeds(p.seed_file, p.seed_format) for m in c.messages]
-        return nll_percentile(self._scorer, texts, a.nll_threshold_percentile)
+        return seed_nll_threshold(self._scorer, texts, a.nll_threshold_percentile)[0]
 
     def _base_lm(self) -> CausalLM:
         if self._base is None:
