@@ -31,7 +31,7 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
     from consumers.writer import CorpusWriter
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
     from corpusfactory.models.demo import build_demo_models, resolve_model
-    from corpusfactory.stack import WorkerProcess
+    from corpusfactory.stack import WorkerProcess, stop_all
     from producers.generators.base import make_generator
     from producers.service import SelfChatProducer
 
@@ -60,8 +60,7 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
             generator.close()
         t_done = time.perf_counter()
     finally:
-        for w in workers:
-            w.stop()
+        stop_all(workers)
     with CorpusWriter(settings, bootstrap) as writer:
         writer.run_once(30.0)
     corpus = CorpusStore(settings.state_path / "corpus", read_only=True).stats()

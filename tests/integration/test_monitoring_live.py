@@ -33,7 +33,13 @@ from corpusfactory.cli import main
 from corpusfactory.metrics import COMPONENTS
 from corpusfactory.report import build_report
 from corpusfactory.settings import Settings
-from corpusfactory.stack import ProducerProcess, ServiceProcess, WorkerProcess, write_settings
+from corpusfactory.stack import (
+    ProducerProcess,
+    ServiceProcess,
+    WorkerProcess,
+    stop_all,
+    write_settings,
+)
 from serving.builds import BuildStore
 from tests.integration.pipeline_util import wait_for
 from tests.integration.trainer_util import publish, seed_conversations, trainer_settings
@@ -123,8 +129,8 @@ def live(
                 settings, ["serve", "--backend", "gguf"], "server", "Uvicorn running on"
             ),
         ]
+        stack.callback(stop_all, services)
         for service in services:
-            stack.callback(service.stop)
             service.start()
         for service in services:
             service.wait_ready(300)
