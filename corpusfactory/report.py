@@ -198,7 +198,10 @@ def seed_nll(settings: Settings) -> list[float]:
         granularity=adm.nll_granularity,
     )
     # Too long or empty messages get no score; the worker rejects such turns unscored.
-    return [r.nll for r in scorer.score(texts) if not r.too_long and r.tokens > 0]
+    # The scores are cached per scorer and seed set (corpusfactory.scoring.calibration).
+    from corpusfactory.scoring.calibration import seed_nll_values
+
+    return seed_nll_values(scorer, texts)[0]
 
 
 def _eval_rows(settings: Settings) -> list[dict[str, Any]]:

@@ -1,18 +1,19 @@
-"""The NLL threshold as a percentile of the seed messages' NLL, computed once per setup.
+"""The seed messages' NLL, computed once per scorer and seed set, and the threshold from it.
 
 ``admission.nll_threshold_percentile`` turns "admit what scores like the best P% of
 the seeds" into a threshold, which needs every seed message scored: N masked
-passes each, seconds to minutes at every scorer start. The result depends only on
-the scorer (its files), the seed texts, the percentile and the scoring settings,
-so it is kept in ``$CORPUSFACTORY_CACHE/calibration/<key>.json`` and a restarted
-or added scorer reads it back::
+passes each, seconds to minutes at every scorer start (and in every report). The
+scores depend only on the scorer (its files), the texts and the scoring settings,
+so they are kept in ``$CORPUSFACTORY_CACHE/calibration/<key>.json`` and a
+restarted or added scorer, or ``corpusfactory report``, reads them back::
 
+    values, cached = seed_nll_values(scorer, texts)
     threshold, cached = seed_nll_threshold(scorer, texts, 95.0)
 
 The key hashes the scorer's id, the names, sizes and modification times of the
-files of a local model directory (a rebuilt model is a new key), the device, the
-granularity, the token limit, the texts and the percentile. A cache file that
-cannot be read is recomputed and rewritten; writes are atomic (rename).
+files of a local model directory (a rebuilt model is a new key; for a hub id only
+its name counts), the device, the granularity, the token limit and the texts. A
+cache file that cannot be read is recomputed and rewritten; writes are atomic.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from corpusfactory.scoring.nll import MLMScorer, nll_percentile
+import numpy as np
+
+from corpusfactory.errors import ModelError
+from corpusfactory.scoring.nll import MLMScorer
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +40,9 @@ def calibration_dir() -> Path:
     return cache_root_dir() / "calibration"
 
 
-def calibration_key(scorer: MLMScorer, texts: Sequence[str], pct: float) -> str:
+def calibration_key(scorer: MLMScorer, texts: Sequence[str]) -> str:
     h = hashlib.sha256()
-    parts: list[str] = [
-        scorer.id,
-        str(scorer.device),
-        scorer.granularity,
-        str(scorer.max_tokens),
-        repr(float(pct)),
-    ]
+    parts: list[str] = [scorer.id, str(scorer.device), scorer.granularity, str(scorer.max_tokens)]
     model_dir = Path(scorer.id)
     if model_dir.is_dir():
         for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
@@ -57,26 +55,43 @@ def calibration_key(scorer: MLMScorer, texts: Sequence[str], pct: float) -> str:
     return h.hexdigest()[:32]
 
 
-def seed_nll_threshold(
-    scorer: MLMScorer, texts: Sequence[str], pct: float, cache: Path | None = None
-) -> tuple[float, bool]:
-    """(the ``pct``-th percentile of the texts' NLL, whether it came from the cache)."""
+def seed_nll_values(
+    scorer: MLMScorer, texts: Sequence[str], cache: Path | None = None
+) -> tuple[list[float], bool]:
+    """(the NLL of every text that can be scored, whether it came from the cache).
+
+    Empty and too-long texts get no score (the scorer worker rejects such turns
+    unscored) and are left out.
+    """
     folder = cache or calibration_dir()
-    path = folder / f"{calibration_key(scorer, texts, pct)}.json"
+    path = folder / f"{calibration_key(scorer, texts)}.json"
     try:
-        value = float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
-        return value, True
+        stored = json.loads(path.read_text(encoding="utf-8"))["values"]
+        return [float(v) for v in stored], True
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("unreadable NLL calibration %s (%s): computing it again", path, exc)
-    value = nll_percentile(scorer, texts, pct)
+    values = [r.nll for r in scorer.score(list(texts)) if not r.too_long and r.tokens > 0]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"threshold": value, "scorer": scorer.id, "pct": pct, "n": len(texts)}, fh)
+            json.dump({"scorer": scorer.id, "texts": len(texts), "values": values}, fh)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache costs time at the next start, nothing else
         log.warning("cannot store the NLL calibration in %s: %s", folder, exc)
-    return value, False
+    return values, False
+
+
+def seed_nll_threshold(
+    scorer: MLMScorer, texts: Sequence[str], pct: float, cache: Path | None = None
+) -> tuple[float, bool]:
+    """(the ``pct``-th percentile of the texts' NLL, whether the scores came from the
+    cache); the same figure as ``scoring.nll.nll_percentile``."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"pct must lie in [0, 100], got {pct}")
+    values, cached = seed_nll_values(scorer, texts, cache)
+    if not values:
+        raise ModelError("no text could be scored, so no NLL percentile can be computed")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), pct)), cached
