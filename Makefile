@@ -72,8 +72,11 @@ models: venv
 demo: setup
 	$(VENV)/bin/corpusfactory demo --config configs/demo.yaml
 
+# The tests run under the cached environment's own path, not through the .venv link:
+# torch rebuilds DeepSpeed's CPU op (about 50 s) whenever its include paths change,
+# and through the link they would change with every checkout's folder.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV_DIR)/bin/python -m pytest -q -p no:cacheprovider
 
 check: venv
 	$(VENV)/bin/ruff format --check .
