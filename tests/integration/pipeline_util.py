@@ -49,7 +49,9 @@ def producer(bootstrap: str) -> KafkaProducer:
     return KafkaProducer(bootstrap_servers=bootstrap, acks="all")
 
 
-def candidate(conv: str, index: int, text: str, attempt: int = 0) -> contract.CandidateTurn:
+def candidate(
+    conv: str, index: int, text: str, attempt: int = 0, prompt: str = ""
+) -> contract.CandidateTurn:
     return contract.CandidateTurn(
         schema_version=contract.SCHEMA_VERSION,
         turn_id=f"{conv}:{index}:{attempt}",
@@ -60,6 +62,7 @@ def candidate(conv: str, index: int, text: str, attempt: int = 0) -> contract.Ca
         source="test",
         attempt=attempt,
         created_at=time.time(),
+        prompt=prompt,
     )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,13 @@ from corpusfactory.stack import WorkerProcess
 from producers.generators.base import make_generator
 from producers.service import SelfChatProducer
 from tests.integration.conftest import make_settings
-from tests.integration.pipeline_util import decisions_by_turn, producer, read_topic, wait_for
+from tests.integration.pipeline_util import (
+    candidate,
+    decisions_by_turn,
+    producer,
+    read_topic,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -162,20 +167,6 @@ def send(settings: Settings, bootstrap: str, cands: list[contract.CandidateTurn]
     prod.close()
 
 
-def make_turn(conv: str, index: int, text: str, prompt: str = "") -> contract.CandidateTurn:
-    return contract.CandidateTurn(
-        schema_version=contract.SCHEMA_VERSION,
-        turn_id=f"{conv}:{index}:0",
-        conversation_id=conv,
-        index=index,
-        role="user" if index % 2 == 0 else "assistant",
-        text=text,
-        source="test",
-        created_at=time.time(),
-        prompt=prompt,
-    )
-
-
 def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     judge_stack: JudgeStack,
 ) -> None:
@@ -189,10 +180,10 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     run = uuid.uuid4().hex[:6]
     cands: list[contract.CandidateTurn] = []
     for name, (question, answer) in case.pairs.items():
-        cands.append(make_turn(f"j{run}-{name}", 0, question))
-        cands.append(make_turn(f"j{run}-{name}", 1, answer, prompt=question))
+        cands.append(candidate(f"j{run}-{name}", 0, question))
+        cands.append(candidate(f"j{run}-{name}", 1, answer, prompt=question))
     # An assistant turn whose producer did not say what it answers: not judged.
-    no_prompt = make_turn(
+    no_prompt = candidate(
         f"j{run}-noprompt", 1, "Certo, ecco una ricetta semplice per la focaccia."
     )
     cands.append(no_prompt)
