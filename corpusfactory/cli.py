@@ -9,7 +9,6 @@ Every subcommand takes ``--config FILE`` (a YAML profile, see ``configs/``) and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -30,15 +29,6 @@ def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
     return load_settings(args.config, overrides=overrides)
-
-
-def serving_metrics(
-    args: argparse.Namespace, s: Settings, component: str, metrics: Any
-) -> contextlib.AbstractContextManager[Any]:
-    """A long-running component's /metrics for the ``with`` block (``--metrics-port``)."""
-    from corpusfactory.metrics import metrics_endpoint
-
-    return metrics_endpoint(s, component, metrics, getattr(args, "metrics_port", None))
 
 
 def _print_json(data: Any) -> None:
@@ -82,7 +72,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     import asyncio
 
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
-    from corpusfactory.metrics import ProducerMetrics
+    from corpusfactory.metrics import ProducerMetrics, metrics_endpoint
     from corpusfactory.models.demo import resolve_model
     from producers.generators.base import make_generator
     from producers.service import SelfChatProducer
@@ -97,7 +87,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     generator = make_generator(s.producer, model, s.models.device)
     metrics = ProducerMetrics()
     try:
-        with serving_metrics(args, s, "producer", metrics):
+        with metrics_endpoint(s, "producer", metrics, args.metrics_port):
             stats = asyncio.run(SelfChatProducer(s, bootstrap, generator, metrics).run())
     finally:
         generator.close()
@@ -152,18 +142,16 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     if args.action == "write":
         from consumers.writer import default_group_id
         from corpusfactory.contract import ACCEPTED, DECISIONS
-        from corpusfactory.metrics import LagCollector, WriterMetrics
+        from corpusfactory.metrics import WriterMetrics, metrics_endpoint
 
         bootstrap = resolve_bootstrap(s, start_embedded=False)
         metrics = WriterMetrics()
-        lag = LagCollector(
+        metrics.watch_lag(
             s, bootstrap, default_group_id(s), [s.topic(ACCEPTED), s.topic(DECISIONS)]
         )
-        metrics.add_collector(lag)
         with (
-            contextlib.closing(lag),
             CorpusWriter(s, bootstrap, metrics=metrics) as writer,
-            serving_metrics(args, s, "writer", metrics),
+            metrics_endpoint(s, "writer", metrics, args.metrics_port),
         ):
             writer.run()
         return 0
@@ -230,10 +218,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def metrics_port_flag(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` of a long-running command (docs/metrics.md)."""
     p.add_argument(
         "--metrics-port",
         type=int,
-        help="serve /metrics on this port (default: metrics.ports.<component>; 0 = off)",
+        help="serve /metrics on this port while running (default: metrics.ports.<component>; "
+        "0 = off)",
     )
 
 

@@ -8,7 +8,6 @@ an evaluation by hand, prints the table across snapshots, or scores a custom tas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import threading
@@ -28,14 +27,6 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _metrics_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve /metrics on this port while following (default: metrics.ports; 0 = off)",
-    )
-
-
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
@@ -43,7 +34,7 @@ def _print(data: Any) -> None:
 def cmd_train(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import ACCEPTED
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
-    from corpusfactory.metrics import LagCollector, TrainerMetrics, metrics_endpoint
+    from corpusfactory.metrics import TrainerMetrics, metrics_endpoint
     from training.service import Trainer
 
     bootstrap = resolve_bootstrap(s, start_embedded=False)
@@ -55,9 +46,8 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
             snap = trainer.run_once()
             print(snap.id if snap else "no new conversations: no snapshot")
             return 0
-        lag = LagCollector(s, bootstrap, trainer.group_id, [s.topic(ACCEPTED)])
-        metrics.add_collector(lag)
-        with contextlib.closing(lag), metrics_endpoint(s, "trainer", metrics, args.metrics_port):
+        metrics.watch_lag(s, bootstrap, trainer.group_id, [s.topic(ACCEPTED)])
+        with metrics_endpoint(s, "trainer", metrics, args.metrics_port):
             print("trainer ready", flush=True)
             trainer.run(_stop_on_signals(), max_snapshots=args.max_snapshots)
     return 0
@@ -66,19 +56,17 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
 def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import SNAPSHOTS
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
-    from corpusfactory.metrics import EvaluatorMetrics, LagCollector, metrics_endpoint
+    from corpusfactory.metrics import EvaluatorMetrics, metrics_endpoint
     from training.evaluation.service import EvaluatorService
 
     bootstrap = resolve_bootstrap(s, start_embedded=False)
     ensure_topics(s, bootstrap)
     metrics = EvaluatorMetrics()
     port = 0 if args.once else args.metrics_port  # a one-off run is never scraped
-    lag = LagCollector(
+    metrics.watch_lag(
         s, bootstrap, f"{s.kafka.topic_prefix}{s.evaluation.group_id}", [s.topic(SNAPSHOTS)]
     )
-    metrics.add_collector(lag)
     with (
-        contextlib.closing(lag),
         EvaluatorService(s, bootstrap, metrics) as service,
         metrics_endpoint(s, "evaluator", metrics, port),
     ):
@@ -198,6 +186,7 @@ def add_commands(
 ) -> None:
     """Register the commands; ``settings`` builds the Settings from parsed arguments and
     ``common`` adds the shared options (--config, --state-dir) to a parser."""
+    from corpusfactory.cli import metrics_port_flag  # loaded: it is calling us
 
     def bind(fn: Callable[[argparse.Namespace, Settings], int]) -> Callable[..., int]:
         return lambda args: fn(args, settings(args))
@@ -205,11 +194,11 @@ def add_commands(
     p = add("train", bind(cmd_train), "Fine-tune snapshots from corpus.accepted (DeepSpeed).")
     p.add_argument("--once", action="store_true", help="train once on what is new, then exit")
     p.add_argument("--max-snapshots", type=int, help="exit after publishing this many")
-    _metrics_port(p)
+    metrics_port_flag(p)
 
     p = add("evaluate", bind(cmd_evaluate), "Evaluate new snapshots (and the base model).")
     p.add_argument("--once", action="store_true", help="evaluate what is waiting, then exit")
-    _metrics_port(p)
+    metrics_port_flag(p)
 
     p = add("snapshots", bind(cmd_snapshots), "List or show fine-tuning snapshots.")
     p.add_argument("action", choices=["list", "show"], help="what to do")
@@ -222,7 +211,7 @@ def add_commands(
     p.add_argument(
         "--no-announce", action="store_true", help="do not announce on models.builds (no Kafka)"
     )
-    _metrics_port(p)
+    metrics_port_flag(p)
 
     p = add("builds", bind(cmd_builds), "List GGUF builds with their gate figures.")
     p.add_argument("action", choices=["list"], help="what to do")

@@ -65,6 +65,7 @@ class ComponentMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._lags: list[LagCollector] = []
         info = Gauge(
             f"{PREFIX}_component_info",
             "Which corpusfactory component this is (1).",
@@ -98,8 +99,19 @@ class ComponentMetrics:
         """The text exposition format, as /metrics serves it."""
         return generate_latest(self.registry)
 
-    def add_collector(self, collector: Collector) -> None:
-        self.registry.register(collector)
+    def watch_lag(
+        self, settings: Settings, bootstrap: str, group: str, topics: Iterable[str]
+    ) -> LagCollector:
+        """Export ``group``'s consumer lag on ``topics``; stopped by ``close``."""
+        lag = LagCollector(settings, bootstrap, group, topics)
+        self.registry.register(lag)
+        self._lags.append(lag)
+        return lag
+
+    def close(self) -> None:
+        """Stop what reads in the background (the lag collectors)."""
+        for lag in self._lags:
+            lag.close()
 
 
 class ScorerMetrics(ComponentMetrics):
@@ -513,10 +525,14 @@ def serve_metrics(
 def metrics_endpoint(
     settings: Settings, component: str, metrics: ComponentMetrics, port: int | None = None
 ) -> Iterator[MetricsServer | None]:
-    """``serve_metrics`` for the ``with`` block, closed at its end."""
-    server = serve_metrics(settings, component, metrics, port)
+    """``serve_metrics`` for the ``with`` block; the endpoint and ``metrics`` (its lag
+    readers) are closed at its end."""
     try:
-        yield server
+        server = serve_metrics(settings, component, metrics, port)
+        try:
+            yield server
+        finally:
+            if server is not None:
+                server.close()
     finally:
-        if server is not None:
-            server.close()
+        metrics.close()

@@ -28,7 +28,7 @@ import faust
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
 from corpusfactory.kafka_clients import ensure_topics, faust_broker_kwargs, resolve_bootstrap
-from corpusfactory.metrics import AdmitterMetrics, LagCollector, ScorerMetrics, serve_metrics
+from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics, metrics_endpoint
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,13 @@ class StreamContext:
         await self.deadletter.send(key=msg.key, value=encode(record))
 
 
+def role_metrics(settings: Settings, role: str) -> ScorerMetrics | AdmitterMetrics:
+    """The metrics object of a worker role."""
+    if role == "scorer":
+        return ScorerMetrics()
+    return AdmitterMetrics(settings.metrics.acceptance_window)
+
+
 def app_id_for(settings: Settings, role: str) -> str:
     """The Faust app id of a role, which is also its Kafka consumer group."""
     return f"{settings.kafka.topic_prefix}{settings.worker.app_id}-{role}"
@@ -105,11 +112,7 @@ def create_app(
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
     if metrics is None:
-        metrics = (
-            ScorerMetrics()
-            if role == "scorer"
-            else AdmitterMetrics(settings.metrics.acceptance_window)
-        )
+        metrics = role_metrics(settings, role)
     app_id = app_id_for(settings, role)
     datadir = settings.state_path / "faust" / role
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -146,18 +149,10 @@ def run_worker(
     """Prepare topics, build the app, serve its metrics and run it until SIGTERM/SIGINT."""
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(settings, bootstrap)
-    metrics = (
-        ScorerMetrics() if role == "scorer" else AdmitterMetrics(settings.metrics.acceptance_window)
-    )
+    metrics = role_metrics(settings, role)
     source = contract.CANDIDATES if role == "scorer" else contract.SCORED
-    lag = LagCollector(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
-    metrics.add_collector(lag)
-    server = serve_metrics(settings, role, metrics, metrics_port)
-    app = create_app(settings, role, bootstrap, metrics)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    try:
+    metrics.watch_lag(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
+    with metrics_endpoint(settings, role, metrics, metrics_port):
+        app = create_app(settings, role, bootstrap, metrics)
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
         worker.execute_from_commandline()
-    finally:
-        if server is not None:
-            server.close()
-        lag.close()

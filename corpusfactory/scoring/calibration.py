@@ -26,10 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from corpusfactory.errors import ModelError
-from corpusfactory.scoring.nll import MLMScorer
+from corpusfactory.scoring.nll import MLMScorer, percentile_of, scored_values
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ def seed_nll_values(
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("unreadable NLL calibration %s (%s): computing it again", path, exc)
-    values = [r.nll for r in scorer.score(list(texts)) if not r.too_long and r.tokens > 0]
+    values = scored_values(scorer.score(list(texts)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".json")
@@ -89,9 +86,7 @@ def seed_nll_threshold(
 ) -> tuple[float, bool]:
     """(the ``pct``-th percentile of the texts' NLL, whether the scores came from the
     cache); the same figure as ``scoring.nll.nll_percentile``."""
-    if not 0.0 <= pct <= 100.0:
+    if not 0.0 <= pct <= 100.0:  # before any scoring
         raise ValueError(f"pct must lie in [0, 100], got {pct}")
     values, cached = seed_nll_values(scorer, texts, cache)
-    if not values:
-        raise ModelError("no text could be scored, so no NLL percentile can be computed")
-    return float(np.percentile(np.asarray(values, dtype=np.float64), pct)), cached
+    return percentile_of(values, pct), cached

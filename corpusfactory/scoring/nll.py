@@ -318,6 +318,22 @@ def direct_nll(model: Any, tokenizer: Any, text: str) -> float:
     return total / len(scored)
 
 
+def scored_values(results: Sequence[NLLResult]) -> list[float]:
+    """The NLL of each result that has one: empty and too-long texts get no score (the
+    scorer worker rejects such turns unscored)."""
+    return [r.nll for r in results if not r.too_long and r.tokens > 0]
+
+
+def percentile_of(values: Sequence[float], pct: float) -> float:
+    """The ``pct``-th percentile (0-100, linear interpolation) of NLL values; ModelError
+    when there is none."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"pct must lie in [0, 100], got {pct}")
+    if not values:
+        raise ModelError("no text could be scored, so no NLL percentile can be computed")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), pct))
+
+
 def nll_percentile(
     scorer: MLMScorer | Callable[[list[str]], list[NLLResult]],
     texts: Sequence[str],
@@ -332,7 +348,4 @@ def nll_percentile(
     if not 0.0 <= pct <= 100.0:
         raise ValueError(f"pct must lie in [0, 100], got {pct}")
     score = scorer.score if isinstance(scorer, MLMScorer) else scorer
-    values = [r.nll for r in score(list(texts)) if not r.too_long and r.tokens > 0]
-    if not values:
-        raise ModelError("no text could be scored, so no NLL percentile can be computed")
-    return float(np.percentile(np.asarray(values, dtype=np.float64), pct))
+    return percentile_of(scored_values(score(list(texts))), pct)

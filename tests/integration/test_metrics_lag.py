@@ -13,7 +13,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from corpusfactory.contract import ACCEPTED
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.metrics import LagCollector, WriterMetrics
+from corpusfactory.metrics import WriterMetrics
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import wait_for
 from tests.unit.test_metrics_export import samples
@@ -36,8 +36,7 @@ def test_lag_is_end_minus_committed_and_counts_an_uncommitted_partition_from_its
 
     group = f"{topic_prefix}lag-test"
     metrics = WriterMetrics()
-    lag = LagCollector(settings, kafka_bootstrap, group, [topic])
-    metrics.add_collector(lag)
+    lag = metrics.watch_lag(settings, kafka_bootstrap, group, [topic])
     try:
         key = ("corpusfactory_consumer_lag", (("group", group), ("topic", topic)))
         # A group never seen needs the offsets topic's coordinator: ready within seconds.
@@ -61,8 +60,7 @@ def test_an_unreachable_broker_never_blocks_a_scrape_and_leaves_the_series_out(
 ) -> None:
     settings = make_settings(tmp_path, "127.0.0.1:1", "t.")
     metrics = WriterMetrics()
-    lag = LagCollector(settings, "127.0.0.1:1", "g", ["t.corpus.accepted"])
-    metrics.add_collector(lag)
+    lag = metrics.watch_lag(settings, "127.0.0.1:1", "g", ["t.corpus.accepted"])
     try:
         for _ in range(3):  # the reading thread is stuck on the broker meanwhile
             got = samples(metrics)
