@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from corpusfactory.errors import GeneratorError
+from corpusfactory.errors import GeneratorError, GeneratorUnavailableError
 from corpusfactory.settings import GenerationSettings
 from producers.generators.base import cut_at_stop, derive_seed
 
@@ -194,7 +194,7 @@ class OpenAICompatGenerator:
             if attempt == self.max_retries:
                 break
             self._sleep(self._delay(attempt, response))
-        raise GeneratorError(
+        raise GeneratorUnavailableError(
             f"openai generator: {url} failed after {self.max_retries + 1} attempt(s); "
             f"last error: {last}"
         )
