@@ -29,12 +29,26 @@ turns).
 Decoding is strict: ``decode(kind, raw_bytes)`` raises ``ContractError`` with a
 precise message for non-UTF-8 bytes, invalid JSON, a null value, an unknown
 schema version, missing or mistyped fields, and empty or oversized text.
+
+Bounds (checked before anything reaches an engine, so an event that breaks them
+is dead-lettered and never wedges a worker):
+
+* the raw value: at most ``admission.max_event_bytes`` bytes (512 KiB) and JSON
+  nesting at most ``MAX_JSON_DEPTH`` (16) deep, both checked *before* parsing;
+* every string field of every record has a maximum, listed in ``FIELD_LIMITS``:
+  ids (``turn_id``, ``conversation_id``, neighbour and model ids) at most
+  ``ID_MAX_BYTES`` (256) UTF-8 bytes, well under the index's 512-byte keys; names
+  (producer, generator, embedder, scorer, judge) ``NAME_MAX_BYTES`` (256); ``source``
+  64; message texts and prompts ``admission.max_event_chars`` characters;
+* every string must be valid UTF-8: a lone surrogate (``"\ud800"`` in the JSON)
+  is a contract error, never a crash when the record is encoded again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any, TypeVar
 
@@ -77,6 +91,16 @@ REASONS = (
 JUDGE_ON_UNPARSED = ("reject", "accept")
 JUDGE_MAX_SCORE = 5.0
 JUDGE_OUTPUT_CHARS = 500  # how much of the judge's raw output a scored turn keeps
+
+# Bounds of the contract (see the module docstring).
+ID_MAX_BYTES = 256  # turn, conversation, neighbour, snapshot and model ids
+NAME_MAX_BYTES = 256  # producer, generator, embedder, scorer, judge ids
+SOURCE_MAX_BYTES = 64
+MAX_JSON_DEPTH = 16  # the deepest record (a scored turn's candidate) needs 3
+DEFAULT_MAX_EVENT_BYTES = 512 * 1024
+DEFAULT_MAX_EVENT_CHARS = 20_000
+ERROR_MAX_CHARS = 2000  # a dead letter's error message
+DEAD_VALUE_MAX_BYTES = 64 * 1024  # how much of a bad event a dead letter keeps
 
 
 class _Record(faust.Record, serializer="json", include_metadata=False, abstract=True):
@@ -239,6 +263,77 @@ class BuildPublished(_Record):
 
 R = TypeVar("R", bound=_Record)
 
+# The maximum of every string field of every record: ("bytes", n) counts UTF-8
+# bytes, ("chars", n) characters, ("text", None) the event's text limit
+# (admission.max_event_chars). A test checks that no string field is missing.
+_ID = ("bytes", ID_MAX_BYTES)
+_NAME = ("bytes", NAME_MAX_BYTES)
+_TEXT = ("text", None)
+FIELD_LIMITS: dict[str, dict[str, tuple[str, int | None]]] = {
+    "CandidateTurn": {
+        "turn_id": _ID,
+        "conversation_id": _ID,
+        "role": ("bytes", 16),
+        "text": _TEXT,
+        "source": ("bytes", SOURCE_MAX_BYTES),
+        "producer_id": _NAME,
+        "generator": _NAME,
+        "prompt": _TEXT,
+    },
+    "ScoredTurn": {
+        "precheck": ("bytes", 32),
+        "embedder": _NAME,
+        "scorer": _NAME,
+        "judge_on_unparsed": ("bytes", 16),
+        "judge": _NAME,
+        "judge_output": ("chars", JUDGE_OUTPUT_CHARS),
+    },
+    "Decision": {
+        "turn_id": _ID,
+        "conversation_id": _ID,
+        "reason": ("bytes", 32),
+        "neighbour_id": ("bytes", 2 * ID_MAX_BYTES),  # a turn id, or "seed:"/"eval:" + an id
+        "embedder": _NAME,
+        "scorer": _NAME,
+        "judge": _NAME,
+        "source": ("bytes", SOURCE_MAX_BYTES),
+    },
+    "AcceptedTurn": {
+        "turn_id": _ID,
+        "role": ("bytes", 16),
+        "text": _TEXT,
+        "neighbour_id": ("bytes", 2 * ID_MAX_BYTES),
+        "embedder": _NAME,
+        "scorer": _NAME,
+    },
+    "AcceptedConversation": {
+        "conversation_id": _ID,
+        "source": ("bytes", SOURCE_MAX_BYTES),
+        "producer_id": _NAME,
+        "generator": _NAME,
+    },
+    "DeadLetter": {
+        "origin_topic": ("bytes", 249),  # Kafka's own limit on topic names
+        "key": ("bytes", DEAD_VALUE_MAX_BYTES),
+        "value": ("bytes", DEAD_VALUE_MAX_BYTES),
+        "error": ("chars", ERROR_MAX_CHARS),
+        "error_type": ("bytes", 128),
+        "stage": ("bytes", 32),
+    },
+    "SnapshotPublished": {
+        "snapshot_id": _ID,
+        "parent": _ID,
+        "base_model": ("bytes", 4096),
+        "path": ("bytes", 4096),
+    },
+    "EvaluationPublished": {"model_id": _ID, "task": _NAME, "path": ("bytes", 4096)},
+    "BuildPublished": {
+        "snapshot_id": _ID,
+        "quant": ("bytes", 32),
+        "path": ("bytes", 4096),
+    },
+}
+
 _REQUIRED_TEXT = {CandidateTurn}
 
 
@@ -270,9 +365,12 @@ _OPTIONAL_TYPES: dict[Any, tuple[type, ...]] = {
 }
 
 
-def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[str, Any]:
+def _check_fields(
+    cls: type[_Record], data: dict[str, Any], where: str, max_chars: int = DEFAULT_MAX_EVENT_CHARS
+) -> dict[str, Any]:
     fields = cls._options.fields  # name -> annotation
     defaults = cls._options.defaults
+    limits = FIELD_LIMITS.get(cls.__name__, {})
     out: dict[str, Any] = {}
     problems: list[str] = []
     for name, ann in fields.items():
@@ -295,9 +393,33 @@ def _check_fields(cls: type[_Record], data: dict[str, Any], where: str) -> dict[
                 )
             elif isinstance(value, int | float) and not math.isfinite(value):
                 problems.append(f"field {name!r} must be finite")
+            elif isinstance(value, str):
+                problem = _string_problem(value, limits.get(name), max_chars)
+                if problem:
+                    problems.append(f"field {name!r} {problem}")
     if problems:
         raise ContractError(f"{where}: " + "; ".join(problems))
     return out
+
+
+def _string_problem(value: str, limit: tuple[str, int | None] | None, max_chars: int) -> str:
+    """Why a string field breaks the contract ("" when it does not)."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 (a lone surrogate at character {exc.start})"
+    if limit is None:
+        return ""
+    unit, most = limit
+    if unit == "text":
+        if len(value) > max_chars:
+            return f"has {len(value)} characters, over the event limit {max_chars}"
+        return ""
+    have = size if unit == "bytes" else len(value)
+    if most is not None and have > most:
+        what = "bytes (UTF-8)" if unit == "bytes" else "characters"
+        return f"has {have} {what}, over its limit {most}"
+    return ""
 
 
 def _type_name(ann: Any) -> str:
@@ -311,7 +433,7 @@ def _check_judge_score(value: Any, where: str) -> None:
 
 def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
     """Build a CandidateTurn from decoded JSON, checking every field."""
-    fields = _check_fields(CandidateTurn, data, "candidate turn")
+    fields = _check_fields(CandidateTurn, data, "candidate turn", max_chars)
     for name in ("turn_id", "conversation_id"):
         if not fields[name].strip():
             raise ContractError(f"candidate turn: field {name!r} must not be empty")
@@ -324,22 +446,45 @@ def validate_candidate(data: dict[str, Any], max_chars: int) -> CandidateTurn:
     # (reason "empty") and long text under the event limit too (reason "too_long").
     if text == "":
         raise ContractError("candidate turn: text is empty")
-    if len(text) > max_chars:
-        raise ContractError(
-            f"candidate turn: text has {len(text)} characters, over the event limit {max_chars}"
-        )
-    if len(fields.get("prompt", "")) > max_chars:
-        raise ContractError(
-            f"candidate turn: prompt has {len(fields['prompt'])} characters, over the event "
-            f"limit {max_chars}"
-        )
     return CandidateTurn(**fields)
 
 
-def decode_json(raw: bytes | None, what: str) -> dict[str, Any]:
-    """Bytes -> JSON object with a supported schema version, or ContractError."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays and objects deeper than ``limit``.
+
+    Checked on the bytes before parsing, so a value of 100,000 nested lists costs
+    a scan, not a RecursionError: brackets inside strings are skipped.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def decode_json(
+    raw: bytes | None, what: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> dict[str, Any]:
+    """Bytes -> JSON object with a supported schema version, or ContractError.
+
+    The size and the nesting depth are bounded before the bytes are parsed.
+    """
     if raw is None:
         raise ContractError(f"{what}: null value (tombstone)")
+    if len(raw) > max_bytes:
+        raise ContractError(f"{what}: value has {len(raw)} bytes, over the limit {max_bytes}")
+    if json_depth_exceeds(raw):
+        raise ContractError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -360,8 +505,10 @@ def decode_json(raw: bytes | None, what: str) -> dict[str, Any]:
     return data
 
 
-def decode_candidate(raw: bytes | None, max_chars: int) -> CandidateTurn:
-    return validate_candidate(decode_json(raw, "candidate turn"), max_chars)
+def decode_candidate(
+    raw: bytes | None, max_chars: int, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> CandidateTurn:
+    return validate_candidate(decode_json(raw, "candidate turn", max_bytes), max_chars)
 
 
 def decode_decision(raw: bytes | None) -> Decision:
@@ -373,12 +520,18 @@ def decode_decision(raw: bytes | None) -> Decision:
     return Decision(**fields)
 
 
-def decode_scored(raw: bytes | None) -> ScoredTurn:
-    data = decode_json(raw, "scored turn")
+def decode_scored(
+    raw: bytes | None,
+    max_chars: int = DEFAULT_MAX_EVENT_CHARS,
+    max_bytes: int = 4 * DEFAULT_MAX_EVENT_BYTES,
+) -> ScoredTurn:
+    data = decode_json(raw, "scored turn", max_bytes)
     cand = data.get("candidate")
     if not isinstance(cand, dict):
         raise ContractError("scored turn: field 'candidate' must be an object")
-    candidate = CandidateTurn(**_check_fields(CandidateTurn, cand, "scored turn candidate"))
+    candidate = CandidateTurn(
+        **_check_fields(CandidateTurn, cand, "scored turn candidate", max_chars)
+    )
     fields = _check_fields(ScoredTurn, data, "scored turn")
     fields["candidate"] = candidate
     emb = fields["embedding"]
@@ -434,6 +587,22 @@ def decode_build(raw: bytes | None) -> BuildPublished:
     return BuildPublished(**fields)
 
 
+def _raw_text(raw: bytes) -> str:
+    """Bytes as text for a dead letter: UTF-8 with replacement, cut to its limit."""
+    text = raw.decode("utf-8", errors="replace")
+    encoded = text.encode("utf-8")
+    if len(encoded) > DEAD_VALUE_MAX_BYTES:
+        head = encoded[: DEAD_VALUE_MAX_BYTES - 40].decode("utf-8", errors="ignore")
+        text = f"{head}... [{len(raw)} bytes]"
+    return text
+
+
+def _clean(text: str, most: int) -> str:
+    """A string that encodes as UTF-8 (lone surrogates escaped), cut to ``most`` chars."""
+    text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _bad_turn() -> AcceptedTurn:
     raise ContractError("accepted conversation: every turn must be an object")
 
@@ -448,15 +617,20 @@ def dead_letter(
     error: BaseException | str,
     stage: str,
 ) -> DeadLetter:
-    """A DeadLetter record describing where a bad event came from and why."""
+    """A DeadLetter record describing where a bad event came from and why.
+
+    It always encodes: the key and value are decoded with replacement and cut to
+    ``DEAD_VALUE_MAX_BYTES``, the error to ``ERROR_MAX_CHARS``, and lone
+    surrogates in the error (an exception quoting a bad id) are escaped.
+    """
     return DeadLetter(
         schema_version=SCHEMA_VERSION,
-        origin_topic=topic,
+        origin_topic=_clean(topic, 249),
         origin_partition=partition,
         origin_offset=offset,
-        key=None if key is None else key.decode("utf-8", errors="replace"),
-        value=None if value is None else value.decode("utf-8", errors="replace"),
-        error=str(error),
+        key=None if key is None else _raw_text(key),
+        value=None if value is None else _raw_text(value),
+        error=_clean(str(error), ERROR_MAX_CHARS),
         error_type=type(error).__name__ if isinstance(error, BaseException) else "Error",
         stage=stage,
         at=time.time(),

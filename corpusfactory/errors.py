@@ -136,9 +136,6 @@ class ModelError(SetupError):
     """A model could not be loaded or run."""
 
 
-# Kept for readers of older code: the index's errors are now split in two.
-VectorIndexError = IndexUnavailableError
-
 EXIT_OK = 0
 EXIT_INVALID = 2  # bad input: a file, a setting, an argument (argparse uses 2 as well)
 EXIT_SETUP = 3  # this installation cannot run it

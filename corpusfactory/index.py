@@ -8,6 +8,15 @@ upsert onto the same key and never a second vector (invariant I4).
 Milvus Lite (``<state_dir>/index.db``) allows one process per file: only the
 admitter opens it. ``MILVUS_URI`` points at a Milvus server or cluster instead.
 Searches use Strong consistency so a vector written moments earlier is seen.
+
+Every failure is sorted into the two kinds of :mod:`corpusfactory.errors`:
+``IndexUnavailableError`` (the server is down, restarting or slow: retried by the
+caller, nothing decided meanwhile) or ``IndexRecordError`` (Milvus refuses these
+records, e.g. a key over its length: writing them again can never work). Records
+are checked against the schema's limits before they are sent, so the second kind
+is raised before anything of the batch is written. Every call carries
+``milvus.timeout_s``, which bounds pymilvus's own retries. Messages carry the URI
+without its credentials.
 """
 
 from __future__ import annotations
@@ -22,12 +31,38 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from corpusfactory.errors import VectorIndexError
+from corpusfactory.errors import (
+    ConfigError,
+    CorpusFactoryError,
+    IndexRecordError,
+    IndexUnavailableError,
+)
+from corpusfactory.redact import redact_uri
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REF_MAX = 512
+
+class _QuietRpcErrors(logging.Filter):
+    """pymilvus logs every failed call with a whole traceback (about 11 KB) and then
+    raises it; Milvus Lite answers "Method not implemented" to a timestamp call at
+    every start. The caller reports each failure in one line, so these go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Method not implemented" in msg or msg.startswith(("RPC error", "Unexpected error")):
+            return False
+        if "\n" in msg:  # anything else from pymilvus: its first line only
+            record.msg, record.args, record.exc_info = msg.split("\n", 1)[0], None, None
+        return True
+
+
+for _name in ("pymilvus.decorators", "pymilvus.client.grpc_handler", "pymilvus.milvus_client"):
+    logging.getLogger(_name).addFilter(_QuietRpcErrors())
+
+REF_MAX = 512  # bytes of a reference (the contract keeps turn ids to 256)
+DECISION_MAX = 4096  # bytes of a decision-log row
+DEFAULT_TIMEOUT_S = 10.0
 KIND_SEED = "seed"
 KIND_TURN = "turn"
 KIND_EVAL = "eval"
@@ -48,6 +83,46 @@ def index_uri(settings: Settings) -> str:
     return settings.milvus.uri or str(settings.state_path / "index.db")
 
 
+def _one_line(exc: BaseException, most: int = 300) -> str:
+    """An engine's error in one line (pymilvus messages can span a traceback)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _is_record_error(exc: BaseException) -> bool:
+    """Whether Milvus refused the records themselves (never worth retrying)."""
+    try:
+        from pymilvus.exceptions import (
+            DataNotMatchException,
+            DataTypeNotMatchException,
+            MilvusException,
+            ParamError,
+            PrimaryKeyException,
+        )
+    except ImportError:  # pragma: no cover - pymilvus is a dependency
+        return False
+    if isinstance(
+        exc, ParamError | DataTypeNotMatchException | DataNotMatchException | PrimaryKeyException
+    ):
+        return True
+    if isinstance(exc, MilvusException) and getattr(exc, "is_input_error", False):
+        return True
+    text = str(exc).lower()
+    return "exceeds max length" in text or "exceeds max_length" in text
+
+
+def check_ref(ref: str) -> None:
+    """Raise IndexRecordError for a reference the index cannot store."""
+    try:
+        size = len(ref.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise IndexRecordError(f"reference is not valid UTF-8: {ref[:60]!r}") from None
+    if size > REF_MAX:
+        raise IndexRecordError(
+            f"reference of {size} bytes is over the index's limit {REF_MAX}: {ref[:60]!r}..."
+        )
+
+
 class VectorIndex:
     """A narrow interface over one Milvus collection."""
 
@@ -59,16 +134,19 @@ class VectorIndex:
         *,
         token: str | None = None,
         index_type: str = "FLAT",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         from pymilvus import MilvusClient
 
         self.uri = uri
+        self.shown_uri = redact_uri(uri)
         self.collection = collection
         self.dim = dim
+        self.timeout = timeout_s
         if "://" not in uri:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._client: Any = MilvusClient(uri=uri, token=token or "")
+            self._client: Any = MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
             if not self._client.has_collection(collection):
                 self._create(index_type)
             else:
@@ -85,15 +163,34 @@ class VectorIndex:
             if not self._client.has_collection(self.reserved_collection):
                 self._create(index_type, self.reserved_collection)
             self._client.load_collection(self.reserved_collection)
-        except VectorIndexError:
+        except CorpusFactoryError:
             raise
         except Exception as exc:
-            raise VectorIndexError(f"cannot open Milvus at {uri!r}: {exc}") from exc
+            from pymilvus.exceptions import ConnectionConfigException, ParamError
+
+            msg = f"cannot open Milvus at {self.shown_uri!r}: {_one_line(exc)}"
+            if isinstance(exc, ParamError | ConnectionConfigException):
+                raise ConfigError([f"milvus.uri: {msg}"]) from None
+            raise IndexUnavailableError(msg) from None
 
     @classmethod
     def from_settings(cls, settings: Settings, dim: int) -> VectorIndex:
         m = settings.milvus
-        return cls(index_uri(settings), m.collection, dim, token=m.token, index_type=m.index_type)
+        return cls(
+            index_uri(settings),
+            m.collection,
+            dim,
+            token=m.token,
+            index_type=m.index_type,
+            timeout_s=m.timeout_s,
+        )
+
+    def _failed(self, what: str, exc: BaseException) -> CorpusFactoryError:
+        """The project error for an engine failure: the records' fault or the server's."""
+        msg = f"{what} on {self.shown_uri!r}: {_one_line(exc)}"
+        if _is_record_error(exc):
+            return IndexRecordError(msg)
+        return IndexUnavailableError(msg)
 
     def _create(self, index_type: str, name: str | None = None) -> None:
         from pymilvus import DataType, MilvusClient
@@ -140,10 +237,22 @@ class VectorIndex:
                 ids=[pk_for(r) for r in refs],
                 output_fields=["ref", "decision"],
                 consistency_level="Strong",
+                timeout=self.timeout,
             )
         except Exception as exc:
-            raise VectorIndexError(f"decision log query failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("decision log query failed", exc) from None
         return {row["ref"]: json.loads(row["decision"]) for row in rows}
+
+    @staticmethod
+    def check_log_rows(decisions: dict[str, dict[str, Any]]) -> None:
+        """Raise IndexRecordError if the decision log could not hold these rows."""
+        for ref, d in decisions.items():
+            check_ref(ref)
+            size = len(json.dumps(d).encode("utf-8"))
+            if size > DECISION_MAX:
+                raise IndexRecordError(
+                    f"decision of {ref[:60]!r} has {size} bytes, over the log's {DECISION_MAX}"
+                )
 
     def log_decisions(self, decisions: dict[str, dict[str, Any]]) -> None:
         """Record decisions by turn id (idempotent: same id, same row)."""
@@ -153,10 +262,11 @@ class VectorIndex:
             {"pk": pk_for(ref), "ref": ref, "decision": json.dumps(d), "vec": [0.0, 1.0]}
             for ref, d in decisions.items()
         ]
+        self.check_log_rows(decisions)
         try:
-            self._client.upsert(self.log_collection, rows)
+            self._client.upsert(self.log_collection, rows, timeout=self.timeout)
         except Exception as exc:
-            raise VectorIndexError(f"decision log write failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("decision log write failed", exc) from None
 
     def _check_dim(self) -> None:
         desc = self._client.describe_collection(self.collection)
@@ -164,10 +274,12 @@ class VectorIndex:
             if f.get("name") == "vec":
                 have = int(f.get("params", {}).get("dim", 0))
                 if have != self.dim:
-                    raise VectorIndexError(
-                        f"collection {self.collection!r} at {self.uri!r} has dimension {have}, "
-                        f"but the embedder gives {self.dim}: use another collection name "
-                        "(milvus.collection) or a fresh state directory"
+                    raise ConfigError(
+                        [
+                            f"collection {self.collection!r} at {self.shown_uri!r} has dimension "
+                            f"{have}, but the embedder gives {self.dim}: use another collection "
+                            "name (milvus.collection) or a fresh state directory"
+                        ]
                     )
 
     def _name(self, reserved: bool) -> str:
@@ -191,9 +303,10 @@ class VectorIndex:
                 output_fields=["ref"],  # never ask for vectors: that costs ~100 ms a search
                 search_params={"metric_type": "COSINE"},
                 consistency_level="Strong",
+                timeout=self.timeout,
             )
         except Exception as exc:
-            raise VectorIndexError(f"search failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("search failed", exc) from None
         out: list[Neighbour | None] = []
         for i, hits in enumerate(res):
             skip = exclude[i] if exclude else None
@@ -213,9 +326,10 @@ class VectorIndex:
                 ids=[pk_for(r) for r in refs],
                 output_fields=["ref"],
                 consistency_level="Strong",
+                timeout=self.timeout,
             )
         except Exception as exc:
-            raise VectorIndexError(f"query failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("query failed", exc) from None
         return {row["ref"] for row in rows}
 
     def upsert(
@@ -225,16 +339,20 @@ class VectorIndex:
         if not refs:
             return
         for r in refs:
-            if len(r.encode("utf-8")) > REF_MAX:
-                raise VectorIndexError(f"reference too long for the index: {r[:60]!r}...")
+            check_ref(r)
+        if vectors.shape != (len(refs), self.dim) or not np.isfinite(vectors).all():
+            raise IndexRecordError(
+                f"vectors of shape {vectors.shape} (finite: {bool(np.isfinite(vectors).all())}) "
+                f"for {len(refs)} references of dimension {self.dim}"
+            )
         rows = [
             {"pk": pk_for(r), "ref": r, "kind": kind, "vec": v.tolist()}
             for r, v in zip(refs, vectors, strict=True)
         ]
         try:
-            self._client.upsert(self._name(reserved), rows)
+            self._client.upsert(self._name(reserved), rows, timeout=self.timeout)
         except Exception as exc:
-            raise VectorIndexError(f"upsert failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("upsert failed", exc) from None
 
     def count(self, kind: str | None = None, reserved: bool = False) -> int:
         flt = f'kind == "{kind}"' if kind else "pk >= 0"
@@ -244,9 +362,10 @@ class VectorIndex:
                 filter=flt,
                 output_fields=["count(*)"],
                 consistency_level="Strong",
+                timeout=self.timeout,
             )
         except Exception as exc:
-            raise VectorIndexError(f"count failed on {self.uri!r}: {exc}") from exc
+            raise self._failed("count failed", exc) from None
         return int(rows[0]["count(*)"]) if rows else 0
 
     def refs(self, kind: str | None = None) -> list[str]:
@@ -265,7 +384,7 @@ class VectorIndex:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "uri": self.uri,
+            "uri": self.shown_uri,
             "collection": self.collection,
             "dim": self.dim,
             "vectors": self.count(),

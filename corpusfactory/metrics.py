@@ -168,7 +168,11 @@ class AdmitterMetrics(ComponentMetrics):
         self.deadletter = self._counter(
             "deadletter", "Events sent to the dead-letter topic.", ["stage"]
         )
-        self.deadletter.labels("admit")
+        for stage in ("admit", "conflict"):  # conflict: a turn id decided for another text
+            self.deadletter.labels(stage)
+        self.retries = self._counter(
+            "index_retries", "Tries of the vector index that found it unavailable."
+        )
 
     def observe(self, decisions: Sequence[Decision]) -> None:
         """Count a batch of decisions (replays apart) and its distributions."""
@@ -296,6 +300,11 @@ class EvaluatorMetrics(ComponentMetrics):
         self.finished = self._gauge(
             "evaluation_timestamp_seconds", "When a model's evaluation finished.", ["model"]
         )
+        self.failures = self._counter(
+            "evaluation_failures",
+            "Evaluation tasks that failed (recorded, skipped until retried by hand).",
+            ["task"],
+        )
 
     def observe(self, model: str, results: dict[str, Any], counted: bool = True) -> None:
         """Every finite number in ``results`` (task -> figures), as task/metric series;
@@ -316,6 +325,7 @@ class EvaluatorMetrics(ComponentMetrics):
 class BuilderMetrics(ComponentMetrics):
     component = "builder"
     FIGURES = ("kl_mean", "kl_p99", "top1_agreement", "ppl_delta_pct")
+    FAILURE_REASONS = ("convert", "quantize", "gate")
 
     def __init__(self) -> None:
         super().__init__()
@@ -331,6 +341,14 @@ class BuilderMetrics(ComponentMetrics):
         self.builds = self._counter("builds", "Builds made by this process.", ["result"])
         for result in ("published", "held_back"):
             self.builds.labels(result)
+        self.failures = self._counter(
+            "build_failures",
+            "Snapshots whose builds failed (recorded, skipped until retried by hand), "
+            "by the step that failed.",
+            ["reason"],
+        )
+        for reason in self.FAILURE_REASONS:
+            self.failures.labels(reason)
 
     def observe_build(self, described: dict[str, Any], counted: bool = True) -> None:
         """One build as ``Build.describe()`` gives it."""

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corpusfactory.errors import ConfigError
+from corpusfactory.redact import is_secret_name, redact_text, redact_value, secret_values_in
 
 ENV_PREFIX = "CORPUSFACTORY_"
 # CORPUSFACTORY_* variables that are not settings (read elsewhere).
@@ -39,7 +40,16 @@ class KafkaSettings(_Section):
     )
     topic_prefix: str = Field("", description="Prepended to every topic name.")
     partitions: int = Field(4, ge=1, description="Partitions of turns.candidates/decisions.")
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="Replicas of each topic ensure_topics creates; unset: min(3, brokers).",
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="min.insync.replicas of those topics; unset: a majority of the replicas.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -62,6 +72,16 @@ class KafkaSettings(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _isr_fits(self) -> KafkaSettings:
+        rf, isr = self.replication_factor, self.min_insync_replicas
+        if rf is not None and isr is not None and isr > rf:
+            raise ValueError(
+                f"min_insync_replicas ({isr}) exceeds replication_factor ({rf}): "
+                "no write could ever be acknowledged"
+            )
+        return self
+
 
 class MilvusSettings(_Section):
     """The vector index."""
@@ -72,6 +92,12 @@ class MilvusSettings(_Section):
     token: str | None = None
     collection: str = "turns"
     index_type: Literal["FLAT", "IVF_FLAT"] = "FLAT"
+    timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        description="Bound of one index call, pymilvus's own retries included.",
+    )
 
 
 class ModelSettings(_Section):
@@ -106,6 +132,17 @@ class AdmissionSettings(_Section):
     max_chars: int = Field(4000, ge=1, description="Longer texts are rejected as too_long.")
     max_event_chars: int = Field(
         20_000, ge=1, description="Longer texts break the contract and are dead-lettered."
+    )
+    max_event_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        description="A larger raw event is dead-lettered before it is parsed.",
+    )
+    retry_max_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=300.0,
+        description="Cap of the back-off while an engine (the vector index) is unavailable.",
     )
     max_tokens: int = Field(
         510, ge=1, le=510, description="Scorer tokens; longer texts are rejected as too_long."
@@ -196,6 +233,27 @@ class WorkerSettings(_Section):
     topic_partitions_scored: int = Field(
         1, ge=1, le=1, description="turns.scored has one partition: the single admission writer."
     )
+    session_timeout_s: float = Field(
+        10.0,
+        ge=6.0,
+        le=300.0,
+        description="A worker killed without leaving its group loses its partitions after this.",
+    )
+    heartbeat_interval_s: float = Field(2.0, gt=0.0, le=60.0)
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="After SIGTERM a worker that has not stopped by then exits anyway.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> WorkerSettings:
+        if self.heartbeat_interval_s * 3 > self.session_timeout_s:
+            raise ValueError(
+                "heartbeat_interval_s must be at most a third of session_timeout_s "
+                f"({self.heartbeat_interval_s} * 3 > {self.session_timeout_s})"
+            )
+        return self
 
 
 class TriggerSettings(_Section):
@@ -521,13 +579,49 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
         if path:
-            # YAML parsing turns "1.8" into a float and "true" into a bool, like the file does.
-            _set_nested(tree, path, yaml.safe_load(raw) if raw != "" else None)
+            _set_nested(tree, path, _env_value(path[-1], raw))
     if environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         _set_nested(tree, ["kafka", "bootstrap_servers"], environ["KAFKA_BOOTSTRAP_SERVERS"])
     if environ.get("MILVUS_URI"):
         _set_nested(tree, ["milvus", "uri"], environ["MILVUS_URI"])
     return tree
+
+
+def _env_value(name: str, raw: str) -> Any:
+    """An environment value as the file would give it: YAML parsing turns "1.8" into a
+    float and "true" into a bool. A secret stays the string it is (a password "123456"
+    is no number), and a value YAML cannot parse is a plain string: its parse error
+    would quote it."""
+    if raw == "":
+        return None
+    if is_secret_name(name):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """Where and what, without the snippet of the file PyYAML quotes (it may hold a secret)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(
+        str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part
+    )
+    return f"config file {path} is not valid YAML{where}: {what or type(exc).__name__}"
+
+
+def _validation_problem(err: Any) -> str:
+    """One pydantic error as a line; a secret in its input is shown as ***."""
+    loc = [str(x) for x in err["loc"]]
+    where = ".".join(loc) or "settings"
+    if err.get("type") == "extra_forbidden":  # the key is wrong; its value does not matter
+        return f"{where}: unknown setting"
+    if "input" not in err:
+        return f"{where}: {err['msg']}"
+    shown = redact_value(err["input"], loc[-1] if loc else "")
+    return f"{where}: {err['msg']} (got {shown!r})"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -558,7 +652,7 @@ def load_settings(
             try:
                 loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as exc:
-                problems.append(f"config file {p} is not valid YAML: {exc}")
+                problems.append(_yaml_problem(p, exc))
                 loaded = {}
             if not isinstance(loaded, dict):
                 problems.append(f"config file {p} must hold a mapping at the top level")
@@ -570,10 +664,10 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "settings"
-            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(problems) from None
+        problems += [_validation_problem(err) for err in exc.errors()]
+        # Last resort: a secret quoted by a validator's own message is masked as well.
+        secrets = secret_values_in(data)
+        raise ConfigError([redact_text(p, secrets) for p in problems]) from None
     if problems:
         raise ConfigError(problems)
     return settings

@@ -8,8 +8,13 @@ under keys derived from the turn ids, and only then sends the decisions. A
 replayed or redelivered turn finds its own key and is answered again without a
 second vector (I2, I4).
 
-If the index is unreachable the batch is retried with back-off and not acked:
-no turn is ever decided without its similarity check.
+Failures come in two kinds (``corpusfactory.errors``). If the index is
+unavailable the batch is retried with back-off (capped at
+``admission.retry_max_s``, one log line a try) and not acked: no turn is ever
+decided without its similarity check. A turn that can never be decided (its id
+was decided for another text, the index refuses its record, its event does not
+decode) is dead-lettered alone, with its origin and error, and the partition
+moves on: no single event can stop the admitter.
 """
 
 from __future__ import annotations
@@ -21,25 +26,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from corpusfactory import contract
-from corpusfactory.contract import ContractError, Decision, ScoredTurn, encode
-from corpusfactory.errors import VectorIndexError
-from corpusfactory.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex
+from corpusfactory.contract import Decision, ScoredTurn, encode
+from corpusfactory.errors import (
+    ConflictError,
+    CorpusFactoryError,
+    IndexRecordError,
+    UnavailableError,
+)
+from corpusfactory.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex, check_ref
+from corpusfactory.redact import redact_uri
 from corpusfactory.settings import Settings
 from streams.decisions import Candidate, Nearest, decide_batch
 
 log = logging.getLogger(__name__)
 
-RETRY_MAX_S = 30.0
 
 
-def seed_index(settings: Settings, index: VectorIndex | None = None) -> VectorIndex:
+def seed_index(
+    settings: Settings, index: VectorIndex | None = None, embedder: Any = None
+) -> VectorIndex:
     """Embed the seed messages and upsert them (idempotent); returns the open index."""
     from corpusfactory.embedder import Embedder
     from corpusfactory.seeds import load_seeds, seed_messages
 
-    embedder = Embedder(settings.models.embedder, device=settings.models.device)
+    if embedder is None:
+        embedder = Embedder(settings.models.embedder, device=settings.models.device)
     if index is None:
         index = VectorIndex.from_settings(settings, embedder.dim)
     msgs = seed_messages(load_seeds(settings.producer.seed_file, settings.producer.seed_format))
@@ -53,7 +67,7 @@ def seed_index(settings: Settings, index: VectorIndex | None = None) -> VectorIn
     return index
 
 
-def load_reserved(settings: Settings, index: VectorIndex) -> VectorIndex:
+def load_reserved(settings: Settings, index: VectorIndex, embedder: Any = None) -> VectorIndex:
     """Embed the evaluation items into the reserved collection (idempotent)."""
     from corpusfactory.embedder import Embedder
     from training.evaluation.items import evaluation_items
@@ -65,7 +79,8 @@ def load_reserved(settings: Settings, index: VectorIndex) -> VectorIndex:
         present |= index.existing(refs[start : start + 1000], reserved=True)
     missing = [i for i, r in enumerate(refs) if r not in present]
     if missing:
-        embedder = Embedder(settings.models.embedder, device=settings.models.device)
+        if embedder is None:
+            embedder = Embedder(settings.models.embedder, device=settings.models.device)
         for start in range(0, len(missing), 512):
             chunk = missing[start : start + 512]
             vecs = embedder.encode([items[i][1] for i in chunk])
@@ -78,33 +93,100 @@ def load_reserved(settings: Settings, index: VectorIndex) -> VectorIndex:
     return index
 
 
+def text_digest(text: str) -> str:
+    """What the decision log keeps of a turn's text: enough to tell another text."""
+    return xxhash.xxh64_hexdigest(text.encode("utf-8", errors="surrogatepass"))
+
+
 @dataclass
 class Admitter:
     settings: Settings
     index: VectorIndex | None = None
+    _embedder: Any = None
+
+    def embedder(self) -> Any:
+        """The embedder for seeds and evaluation items, loaded once, in this thread."""
+        if self._embedder is None:
+            from corpusfactory.embedder import Embedder
+
+            m = self.settings.models
+            self._embedder = Embedder(m.embedder, device=m.device)
+        return self._embedder
 
     def ensure_index(self, dim: int) -> VectorIndex:
         if self.index is None:
             self.index = VectorIndex.from_settings(self.settings, dim)
         return self.index
 
-    def admit(self, scored: list[ScoredTurn]) -> list[Decision]:
+    def prepare(self) -> dict[str, int]:
+        """Blocking start-up: seeds and evaluation items in the index, with one embedder.
+
+        Idempotent, so it is simply run again while the index is unavailable.
+        Returns the index's counts by kind (for the metrics).
+        """
+        if self.settings.index.seed_on_start:
+            self.index = seed_index(self.settings, self.index, self.embedder())
+        if self.settings.admission.decontaminate:
+            self.ensure_index(self.embedder().dim)
+            assert self.index is not None
+            load_reserved(self.settings, self.index, self.embedder())
+        return _index_counts(self.index) if self.index is not None else {}
+
+    def admit(self, scored: list[ScoredTurn]) -> list[Decision | CorpusFactoryError]:
         """Blocking: search, decide in order, write vectors and the log, build decisions.
 
+        Returns one outcome per turn, in order: its Decision, or the permanent error
+        that keeps it from ever being decided (``ConflictError``: its turn id was
+        decided for another text; ``IndexRecordError``: the index cannot hold it),
+        which the caller dead-letters. Nothing of such a turn is written.
+
         A turn decided before (found in the decision log) gets that decision back,
-        marked ``replayed``. Writes go vectors first, then the log, then the caller
-        sends the decisions: a crash in between is repaired on redelivery (a vector
-        without a log row still reads as accepted through ``existing``).
+        marked ``replayed``; so does the second copy of a turn sent twice in one
+        batch (the first copy is its first decision). Writes go vectors first,
+        then the log, then the caller sends the decisions: a crash in between is
+        repaired on redelivery (a vector without a log row still reads as accepted
+        through ``existing``). An unavailable index raises
+        ``IndexUnavailableError`` before anything is decided.
         """
         t0 = time.perf_counter()
-        dims = {len(s.embedding) for s in scored if s.embedding}
-        if len(dims) > 1:
-            raise VectorIndexError(f"embeddings of different sizes in one batch: {sorted(dims)}")
-        if dims:
-            self.ensure_index(dims.pop())
+        n = len(scored)
+        out: list[Decision | CorpusFactoryError | None] = [None] * n
         refs = [s.candidate.turn_id for s in scored]
-        prior = self.index.prior_decisions(refs) if self.index else {}
-        fresh = [i for i, r in enumerate(refs) if r not in prior]
+        digests = [text_digest(s.candidate.text) for s in scored]
+        dims = [len(s.embedding) for s in scored]
+        want = self.index.dim if self.index is not None else next((d for d in dims if d), 0)
+        if want:
+            self.ensure_index(want)
+        for i, ref in enumerate(refs):
+            try:
+                check_ref(ref)
+            except IndexRecordError as exc:
+                out[i] = exc
+                continue
+            if dims[i] and dims[i] != want:
+                out[i] = IndexRecordError(
+                    f"turn {ref[:60]!r}: embedding of dimension {dims[i]}, the index has {want}"
+                )
+        live = [i for i in range(n) if out[i] is None]
+        prior = self.index.prior_decisions(sorted({refs[i] for i in live})) if self.index else {}
+        first_at: dict[str, int] = {}
+        fresh: list[int] = []  # first sight of a turn: decided now
+        repeats: dict[int, int] = {}  # a second copy in this batch -> the first copy
+        for i in live:
+            ref = refs[i]
+            seen = prior[ref].get("text_sha") if ref in prior else None
+            if ref in first_at:
+                seen = digests[first_at[ref]]
+            if seen is not None and seen != digests[i]:
+                out[i] = ConflictError(
+                    f"turn id {ref[:60]!r} was already decided for another text "
+                    f"(xxh64 {seen}, this one {digests[i]}); a turn id names one text"
+                )
+            elif ref in first_at:
+                repeats[i] = first_at[ref]
+            elif ref not in prior:
+                first_at[ref] = i
+                fresh.append(i)
         cands = [
             Candidate(
                 ref=refs[i],
@@ -119,36 +201,27 @@ class Admitter:
             )
             for i in fresh
         ]
-        live = [j for j, c in enumerate(cands) if not c.precheck]
+        live_c = [j for j, c in enumerate(cands) if not c.precheck]
         nearest: list[Nearest | None] = [None] * len(cands)
         reserved: list[Nearest | None] = [None] * len(cands)
         already: set[str] = set()
         adm = self.settings.admission
-        if live:
+        if live_c:
             assert self.index is not None
-            live_refs = [cands[j].ref for j in live]
-            vecs = np.stack([cands[j].vector for j in live])
+            live_refs = [cands[j].ref for j in live_c]
+            vecs = np.stack([cands[j].vector for j in live_c])
             found = self.index.search(vecs, exclude=live_refs)
-            for j, n in zip(live, found, strict=True):
-                nearest[j] = Nearest(n.ref, n.similarity) if n else None
+            for j, nb in zip(live_c, found, strict=True):
+                nearest[j] = Nearest(nb.ref, nb.similarity) if nb else None
             if adm.decontaminate:
-                for j, n in zip(live, self.index.search(vecs, reserved=True), strict=True):
-                    reserved[j] = Nearest(n.ref, n.similarity) if n else None
+                for j, nb in zip(live_c, self.index.search(vecs, reserved=True), strict=True):
+                    reserved[j] = Nearest(nb.ref, nb.similarity) if nb else None
             already = self.index.existing(live_refs)
         sim_threshold = adm.similarity_threshold
         verdicts = decide_batch(
             cands, nearest, already, sim_threshold, reserved, adm.contamination_threshold
         )
-        # replayed = accepted before (in the index, or earlier in this batch): no write
-        new = [
-            (c.ref, c.vector)
-            for c, v in zip(cands, verdicts, strict=True)
-            if v.accepted and not v.replayed
-        ]
-        if new:
-            assert self.index is not None
-            self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)
-        records: dict[str, dict[str, Any]] = dict(prior)
+        records: dict[str, dict[str, Any]] = {}
         for i, v in zip(fresh, verdicts, strict=True):
             s = scored[i]
             records[refs[i]] = {
@@ -164,14 +237,33 @@ class Admitter:
                 "judge_score": s.judge_score,
                 "judge_threshold": s.judge_threshold if s.judged else None,
                 "judge": s.judge if s.judged else "",
+                "text_sha": digests[i],
             }
-        logged = {refs[i]: records[refs[i]] for i in fresh}
         if self.index is not None:
-            self.index.log_decisions(logged)
+            self.index.check_log_rows(records)  # before any write: all or nothing
+        # replayed = accepted before (a vector without a log row): no second write
+        new = [
+            (c.ref, c.vector)
+            for c, v in zip(cands, verdicts, strict=True)
+            if v.accepted and not v.replayed
+        ]
+        if new:
+            assert self.index is not None
+            self.index.upsert([r for r, _ in new], np.stack([v for _, v in new]), KIND_TURN)
+        if self.index is not None:
+            self.index.log_decisions(records)
         now = time.time()
-        admit_s = (time.perf_counter() - t0) / len(scored)
-        return [
-            Decision(
+        admit_s = (time.perf_counter() - t0) / max(n, 1)
+        for i, s in enumerate(scored):
+            if out[i] is not None:
+                continue
+            ref = refs[i]
+            if i in repeats or ref in prior:
+                rec, replayed = (records[ref] if i in repeats else prior[ref]), True
+            else:
+                rec = records[ref]
+                replayed = bool(rec["replayed"])
+            out[i] = Decision(
                 schema_version=contract.SCHEMA_VERSION,
                 turn_id=s.candidate.turn_id,
                 conversation_id=s.candidate.conversation_id,
@@ -186,7 +278,7 @@ class Admitter:
                 scorer=s.scorer,
                 similarity_threshold=rec["similarity_threshold"],
                 nll_threshold=rec["nll_threshold"],
-                replayed=ref in prior or bool(rec["replayed"]),
+                replayed=replayed,
                 decided_at=now,
                 stage_s={**(s.stage_s or {}), "admit": admit_s},
                 # A log row written before the judge existed has none of these.
@@ -195,9 +287,10 @@ class Admitter:
                 judge=rec.get("judge", ""),
                 source=s.candidate.source,
             )
-            for s, ref in zip(scored, refs, strict=True)
-            for rec in (records[ref],)
-        ]
+        done = [o for o in out if o is not None]
+        if len(done) != n:  # pragma: no cover - every branch above sets an outcome
+            raise RuntimeError("admission left a turn without an outcome")
+        return done
 
 
 def register(ctx: Any) -> None:
@@ -207,18 +300,12 @@ def register(ctx: Any) -> None:
 
     @ctx.app.agent(ctx.scored, name="admit_turns", concurrency=1)
     async def admit_turns(stream: Any) -> None:
-        if settings.index.seed_on_start:
-            admitter.index = await _retry(ctx, seed_index, settings)
-        if adm.decontaminate:
-            if admitter.index is None:
-                from corpusfactory.embedder import Embedder
-
-                dim = Embedder(settings.models.embedder, device=settings.models.device).dim
-                admitter.ensure_index(dim)
-            await _retry(ctx, load_reserved, settings, admitter.index)
-        if admitter.index is not None:
-            ctx.metrics.set_index_counts(await ctx.run_blocking(_index_counts, admitter.index))
-        log.info("admitter ready: index %s", settings.milvus.uri or "Milvus Lite")
+        # Seeds and evaluation items: models loaded in the inference thread, never on
+        # the event loop; retried (one line a try) while the index is unavailable.
+        counts = await _retry(ctx, admitter.prepare, what="index start-up")
+        if counts:
+            ctx.metrics.set_index_counts(counts)
+        log.info("admitter ready: index %s", redact_uri(settings.milvus.uri or "Milvus Lite"))
         async for events in stream.take_events(adm.admit_batch_size, within=adm.batch_window_s):
             await _admit_events(ctx, admitter, events)
 
@@ -231,45 +318,92 @@ def _index_counts(index: VectorIndex) -> dict[str, int]:
     }
 
 
-async def _retry(ctx: Any, fn: Any, *args: Any) -> Any:
-    """Run fn in the inference thread until it stops raising VectorIndexError."""
+async def _retry(ctx: Any, fn: Any, *args: Any, what: str = "admission") -> Any:
+    """Run fn in the inference thread until it stops raising UnavailableError.
+
+    Back-off doubles from 0.5 s up to ``admission.retry_max_s``; each failed try
+    logs one line (no traceback). A permanent error is raised at once.
+    """
     delay = 0.5
+    cap = ctx.settings.admission.retry_max_s
+    tries = 0
     while True:
         try:
-            return await ctx.run_blocking(fn, *args)
-        except VectorIndexError as exc:
-            log.error("vector index unavailable (%s); retrying in %.1fs", exc, delay)
+            result = await ctx.run_blocking(fn, *args)
+        except UnavailableError as exc:
+            tries += 1
+            log.error(
+                "%s: vector index unavailable (try %d): %s; retrying in %.1fs",
+                what,
+                tries,
+                exc,
+                delay,
+            )
+            ctx.metrics.retries.inc()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = min(delay * 2, cap)
+            continue
+        if tries:
+            log.info("%s: vector index back after %d failed tries", what, tries)
+        return result
 
 
 async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None:
+    """Decide a batch; any event that cannot be decided is dead-lettered alone."""
     scored: list[tuple[Any, ScoredTurn]] = []
+    adm = ctx.settings.admission
     for event in events:
         try:
-            scored.append((event, contract.decode_scored(event.message.value)))
-        except ContractError as exc:
+            turn = contract.decode_scored(
+                event.message.value, adm.max_event_chars, 4 * adm.max_event_bytes
+            )
+        except Exception as exc:  # a bad event, whatever broke: dead-letter it alone
             await ctx.dead_letter(event, exc, "admit")
+            continue
+        scored.append((event, turn))
     if not scored:
         return
+    outcomes: list[tuple[Any, Decision | BaseException]] = []
     try:
-        decisions = await _retry(ctx, admitter.admit, [s for _, s in scored])
-        decided = list(zip(scored, decisions, strict=True))
+        decided = await _retry(ctx, admitter.admit, [s for _, s in scored])
+        outcomes = list(zip([e for e, _ in scored], decided, strict=True))
     except Exception as exc:
-        # Not an index outage (that is retried above) but bad data or a bug: decide
-        # turn by turn so one bad turn goes to the dead-letter topic and not its batch.
-        log.exception("batch admission failed (%s); retrying turn by turn", exc)
-        decided = []
-        for pair in scored:
+        # Not an outage (that is retried above) but a record the index refuses or a
+        # bug: decide turn by turn so one bad turn is dead-lettered and not its batch.
+        log.error("batch admission failed (%s: %s); deciding turn by turn", _kind(exc), exc)
+        for event, turn in scored:
             try:
-                decided.append((pair, (await _retry(ctx, admitter.admit, [pair[1]]))[0]))
+                outcomes.append((event, (await _retry(ctx, admitter.admit, [turn]))[0]))
             except Exception as exc1:
-                await ctx.dead_letter(pair[0], exc1, "admit")
-    for (event, _), d in decided:
-        await ctx.decisions.send(key=event.message.key, value=encode(d))
-    decisions = [d for _, d in decided]
+                outcomes.append((event, exc1))
+    turns = {id(e): t for e, t in scored}
+    candidates = ctx.settings.topic(contract.CANDIDATES)
+    decisions: list[Decision] = []
+    for event, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            # Point the dead letter at the candidate that a producer sent.
+            turn = turns[id(event)]
+            stage = "conflict" if isinstance(outcome, ConflictError) else "admit"
+            origin = (candidates, turn.origin_partition, turn.origin_offset)
+            try:
+                value = encode(turn.candidate)
+            except Exception:  # a candidate that does not encode: keep the scored bytes
+                value = None
+            await ctx.dead_letter(event, outcome, stage, origin, value)
+            continue
+        try:
+            value = encode(outcome)
+        except Exception as exc:
+            await ctx.dead_letter(event, exc, "admit")
+            continue
+        await ctx.decisions.send(key=event.message.key, value=value)
+        decisions.append(outcome)
     ctx.metrics.observe(decisions)
     # Only first acceptances add a vector (a replay finds its own key).
     added = sum(d.accepted and not d.replayed for d in decisions)
     if added:
         ctx.metrics.index_vectors.labels(KIND_TURN).inc(added)
+
+
+def _kind(exc: BaseException) -> str:
+    return type(exc).__name__

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -67,24 +70,38 @@ class StreamContext:
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def dead_letter(self, event: Any, error: BaseException | str, stage: str) -> None:
+    async def dead_letter(
+        self,
+        event: Any,
+        error: BaseException | str,
+        stage: str,
+        origin: tuple[str, int, int] | None = None,
+        value: bytes | None = None,
+    ) -> None:
+        """Send an event that cannot be processed to turns.deadletter, with its origin.
+
+        ``origin`` and ``value`` name the candidate a scored turn came from (topic,
+        partition, offset and its bytes), so the admitter's dead letters point at
+        what a producer sent; by default they are the event's own.
+        """
         msg = event.message
+        topic, partition, offset = origin or (msg.topic, msg.partition, msg.offset)
         record: DeadLetter = contract.dead_letter(
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
+            topic=topic,
+            partition=partition,
+            offset=offset,
             key=msg.key,
-            value=msg.value,
+            value=msg.value if value is None else value,
             error=error,
             stage=stage,
         )
         log.warning(
             "dead-lettered %s[%d]@%d (%s): %s",
-            msg.topic,
-            msg.partition,
-            msg.offset,
+            topic,
+            partition,
+            offset,
             stage,
-            record.error,
+            record.error[:300],
         )
         self.metrics.deadletter.labels(stage).inc()
         await self.deadletter.send(key=msg.key, value=encode(record))
@@ -126,6 +143,10 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         broker_commit_every=50,
         broker_commit_interval=1.0,
+        # A worker killed without leaving its group (kill -9, a lost machine) holds
+        # its partitions until the session times out: 10 s instead of faust's 60 s.
+        broker_session_timeout=settings.worker.session_timeout_s,
+        broker_heartbeat_interval=settings.worker.heartbeat_interval_s,
         producer_acks=-1,
         stream_buffer_maxsize=1024,  # back-pressure: bounded in-memory buffer per partition
         autodiscover=False,
@@ -154,5 +175,44 @@ def run_worker(
     metrics.watch_lag(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
     with metrics_endpoint(settings, role, metrics, metrics_port):
         app = create_app(settings, role, bootstrap, metrics)
-        worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+        worker = BoundedShutdownWorker(
+            app, loglevel=loglevel, quiet=True, redirect_stdouts=False
+        )
+        worker.shutdown_deadline_s = settings.worker.shutdown_timeout_s
         worker.execute_from_commandline()
+
+
+class BoundedShutdownWorker(faust.Worker):
+    """A faust worker that stops within ``shutdown_deadline_s`` of SIGTERM/SIGINT.
+
+    A clean stop is tried first. A worker blocked in an engine call (an index that
+    does not answer, a wedged batch) would otherwise never exit: the inference
+    thread is joined at interpreter exit. After the deadline the process exits
+    anyway; nothing is lost, since offsets are only committed after decisions
+    were sent (as after a kill -9).
+    """
+
+    shutdown_deadline_s: float = 10.0
+    _deadline_started = False
+
+    def _start_deadline(self, why: str) -> None:
+        if self._deadline_started:
+            return
+        self._deadline_started = True
+        deadline = self.shutdown_deadline_s
+
+        def expire() -> None:
+            time.sleep(deadline)
+            log.error("%s: not stopped after %.0fs; exiting now", why, deadline)
+            logging.shutdown()
+            os._exit(143 if why == "SIGTERM" else 130)
+
+        threading.Thread(target=expire, name="shutdown-deadline", daemon=True).start()
+
+    def _on_sigterm(self) -> None:
+        self._start_deadline("SIGTERM")
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._start_deadline("SIGINT")
+        super()._on_sigint()

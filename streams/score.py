@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corpusfactory import contract
-from corpusfactory.contract import CandidateTurn, ContractError, ScoredTurn, encode
+from corpusfactory.contract import CandidateTurn, ScoredTurn, encode
 from corpusfactory.embedder import Embedder
 from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
@@ -188,37 +188,49 @@ def register(ctx: Any) -> None:
 
 
 async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> None:
-    settings: Settings = ctx.settings
+    """Score a batch; an event that cannot be scored is dead-lettered alone.
+
+    Whatever breaks on one event (its decoding, its scoring, its encoding) costs
+    that event only: it goes to the dead-letter topic with its origin and error,
+    and every other event of the batch is scored and forwarded.
+    """
+    adm = ctx.settings.admission
     valid: list[tuple[Any, CandidateTurn]] = []
     for event in events:
         try:
-            valid.append(
-                (
-                    event,
-                    contract.decode_candidate(
-                        event.message.value, settings.admission.max_event_chars
-                    ),
-                )
+            cand = contract.decode_candidate(
+                event.message.value, adm.max_event_chars, adm.max_event_bytes
             )
-        except ContractError as exc:
+        except Exception as exc:  # ContractError, or anything else this event breaks
             await ctx.dead_letter(event, exc, "decode")
+            continue
+        valid.append((event, cand))
     if not valid:
         return
     try:
-        scored = await ctx.run_blocking(models.score, [c for _, c in valid], settings)
-        pairs = list(zip([e for e, _ in valid], scored, strict=True))
+        scored = await ctx.run_blocking(models.score, [c for _, c in valid], ctx.settings)
+        pairs: list[tuple[Any, ScoredTurn]] = list(
+            zip([e for e, _ in valid], scored, strict=True)
+        )
     except Exception as exc:
         # One bad text must not sink its batch: score one by one, dead-letter the culprit.
-        log.exception("batch scoring failed (%s); retrying turn by turn", exc)
+        log.error("batch scoring failed (%s: %s); scoring turn by turn", type(exc).__name__, exc)
         pairs = []
         for event, cand in valid:
             try:
-                one = await ctx.run_blocking(models.score, [cand], settings)
+                one = await ctx.run_blocking(models.score, [cand], ctx.settings)
                 pairs.append((event, one[0]))
             except Exception as exc1:
                 await ctx.dead_letter(event, exc1, "score")
-    ctx.metrics.observe_batch([s for _, s in pairs])
+    sent: list[ScoredTurn] = []
     for event, s in pairs:
         s.origin_partition = event.message.partition
         s.origin_offset = event.message.offset
-        await ctx.scored.send(key=event.message.key, value=encode(s))
+        try:
+            value = encode(s)
+        except Exception as exc:
+            await ctx.dead_letter(event, exc, "score")
+            continue
+        await ctx.scored.send(key=event.message.key, value=value)
+        sent.append(s)
+    ctx.metrics.observe_batch(sent)

@@ -200,7 +200,7 @@ def test_candidate_prompt_round_trip_and_default() -> None:
     assert contract.decode_candidate(_raw(prompt=...), 1000).prompt == ""
     with pytest.raises(ContractError, match="field 'prompt' must be str"):
         contract.decode_candidate(_raw(prompt=3), 100)
-    with pytest.raises(ContractError, match="prompt has 101 characters, over the event limit"):
+    with pytest.raises(ContractError, match="prompt.? has 101 characters, over the event limit"):
         contract.decode_candidate(_raw(prompt="x" * 101), 100)
 
 
@@ -283,3 +283,109 @@ def test_accepted_turn_judge_score_round_trip_and_old_events() -> None:
     data["turns"][1]["judge_score"] = 9
     with pytest.raises(ContractError, match=r"accepted turn: judge_score must be within 0\.\.5"):
         contract.decode_accepted(json.dumps(data).encode())
+
+
+# ---- bounds (issue 10): nothing that breaks them may reach an engine
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"turn_id": "t" * 257}, r"'turn_id' has 257 bytes \(UTF-8\), over its limit 256"),
+        ({"conversation_id": "è" * 129}, r"'conversation_id' has 258 bytes"),
+        ({"source": "s" * 65}, r"'source' has 65 bytes"),
+        ({"producer_id": "p" * 300}, r"'producer_id' has 300 bytes"),
+        ({"turn_id": "ok\ud800"}, r"'turn_id' is not valid UTF-8 \(a lone surrogate"),
+        ({"text": "Ciao \udfff!"}, r"'text' is not valid UTF-8"),
+        ({"prompt": "\ud83d"}, r"'prompt' is not valid UTF-8"),
+        ({"text": [[["annidato"]]]}, r"field 'text' must be str"),
+    ],
+)
+def test_bounded_and_valid_strings(overrides: dict, message: str) -> None:
+    with pytest.raises(ContractError, match=message):
+        contract.decode_candidate(_raw(**overrides), 100)
+
+
+def test_an_id_at_its_limit_is_valid() -> None:
+    c = contract.decode_candidate(_raw(turn_id="t" * 256), 100)
+    assert len(c.turn_id) == 256
+
+
+def test_lone_surrogates_sent_as_json_escapes_are_refused() -> None:
+    # What a foreign producer writes: the escape is valid JSON, the string is not UTF-8.
+    raw = _raw().replace(b'"turn_id": "c1:0:0"', b'"turn_id": "c1:\\ud800"')
+    with pytest.raises(ContractError, match="lone surrogate"):
+        contract.decode_candidate(raw, 100)
+
+
+def test_deep_nesting_is_refused_before_parsing() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ContractError, match="nested deeper than 16"):
+        contract.decode_candidate(deep, 100)
+    inside = _raw().replace(b'"text": "Ciao, come stai?"', b'"text": ' + b"[" * 5000 + b"]" * 5000)
+    with pytest.raises(ContractError, match="nested deeper"):
+        contract.decode_candidate(inside, 100)
+    # brackets inside strings are text, not nesting
+    text = "[" * 200 + '"\\' + "{" * 200
+    assert contract.decode_candidate(_raw(text=text), 1000).text == text
+
+
+def test_the_raw_size_is_bounded_before_parsing() -> None:
+    raw = _raw(text="x" * 90)
+    with pytest.raises(ContractError, match=r"value has \d+ bytes, over the limit 100"):
+        contract.decode_candidate(raw, 1000, max_bytes=100)
+    assert contract.decode_candidate(raw, 1000, max_bytes=len(raw)).text == "x" * 90
+
+
+def test_every_string_field_of_every_record_has_a_limit() -> None:
+    records = [
+        contract.CandidateTurn,
+        contract.ScoredTurn,
+        contract.Decision,
+        contract.AcceptedTurn,
+        contract.AcceptedConversation,
+        contract.DeadLetter,
+        contract.SnapshotPublished,
+        contract.EvaluationPublished,
+        contract.BuildPublished,
+    ]
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in records
+        for name, ann in cls._options.fields.items()
+        if ann in (str, str | None) and name not in contract.FIELD_LIMITS.get(cls.__name__, {})
+    ]
+    assert missing == []
+
+
+def test_oversized_ids_are_refused_in_decisions_and_scored_turns() -> None:
+    scored = contract.ScoredTurn(
+        schema_version=1,
+        candidate=cand(turn_id="t" * 300),
+        precheck="",
+        embedding=[1.0, 0.0],
+        nll=1.0,
+        tokens=3,
+        embedder="e",
+        scorer="s",
+        nll_threshold=2.0,
+    )
+    with pytest.raises(ContractError, match="'turn_id' has 300 bytes"):
+        contract.decode_scored(contract.encode(scored))
+
+
+def test_a_dead_letter_always_encodes() -> None:
+    err = ContractError("bad id 'x\ud800' " + "e" * 5000)
+    d = contract.dead_letter(
+        topic="t",
+        partition=0,
+        offset=1,
+        key=b"k\xff",
+        value=b"v" * (contract.DEAD_VALUE_MAX_BYTES + 10),
+        error=err,
+        stage="decode",
+    )
+    data = json.loads(contract.encode(d))
+    assert len(data["error"]) == contract.ERROR_MAX_CHARS and "\\ud800" in data["error"]
+    assert data["value"].endswith(f"[{contract.DEAD_VALUE_MAX_BYTES + 10} bytes]")
+    assert len(data["value"].encode()) <= contract.DEAD_VALUE_MAX_BYTES

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from corpusfactory import contract
-from corpusfactory.index import Neighbour
+from corpusfactory.index import Neighbour, VectorIndex
 from corpusfactory.judge import JUDGE_LOW, JUDGE_UNPARSED, Judge
 from corpusfactory.scoring.nll import NLLResult
 from corpusfactory.settings import GenerationSettings, Settings, load_settings
@@ -143,6 +143,9 @@ def test_close_releases_the_judge_generator() -> None:
 
 class MemoryIndex:
     """TEST DOUBLE of VectorIndex (the methods the admitter uses), in memory."""
+
+    dim = FakeEmbedder.dim
+    check_log_rows = staticmethod(VectorIndex.check_log_rows)
 
     def __init__(self) -> None:
         self.vectors: dict[str, np.ndarray] = {}
