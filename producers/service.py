@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from corpusfactory import contract
 from corpusfactory.chatformat import ChatFormat
 from corpusfactory.contract import ContractError, encode
+from corpusfactory.errors import UnavailableError
 from corpusfactory.kafka_clients import aiokafka_kwargs
 from corpusfactory.metrics import ProducerMetrics
 from corpusfactory.seeds import SeedConversation, load_seeds
@@ -44,6 +45,8 @@ from producers.generators.base import Generator
 from producers.state import ConversationStore
 
 log = logging.getLogger(__name__)
+
+GENERATOR_RETRY_MAX_S = 30.0  # back-off cap while the generator's server is unavailable
 
 SOURCE = "selfchat"
 
@@ -168,6 +171,7 @@ class SelfChatProducer:
                 log.info(
                     "resumed %d conversations, re-sent %d pending", len(self.active), len(resend)
                 )
+            gen_failures = 0
             while not stop.is_set():
                 self._fill_slots()
                 if not self.active:
@@ -177,7 +181,25 @@ class SelfChatProducer:
                 generating = asyncio.create_task(self._generate_round(producer))
                 while not generating.done():
                     await self._poll_decisions(producer, consumer, wait_ms=100)
-                await generating
+                try:
+                    await generating
+                except UnavailableError as exc:
+                    # The generator's server is down or overloaded beyond its own
+                    # retries: nothing of this round was sent; wait, keep applying
+                    # decisions, and generate again. The producer never stops on it.
+                    gen_failures += 1
+                    delay = min(2.0**gen_failures, GENERATOR_RETRY_MAX_S)
+                    log.error(
+                        "generator unavailable (try %d): %s; retrying in %.0fs",
+                        gen_failures,
+                        exc,
+                        delay,
+                    )
+                    deadline = time.monotonic() + delay
+                    while time.monotonic() < deadline and not stop.is_set():
+                        await self._poll_decisions(producer, consumer, wait_ms=200)
+                    continue
+                gen_failures = 0
                 await self._poll_decisions(producer, consumer)
                 await self._resend_stale(producer)
         finally:
