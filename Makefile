@@ -1,16 +1,25 @@
 # corpusfactory: set-up, demo, tests and checks.
 #
-# The virtual environment is built once per requirements.lock and cached outside
-# the checkout (CORPUSFACTORY_CACHE, default ~/.cache/corpusfactory); .venv is a
-# link to it. The broker's jars and the demo models are cached there too, so
-# every target is fast when everything is already in place.
+# The locked dependencies are installed once per requirements.lock into a virtual
+# environment cached outside the checkout (CORPUSFACTORY_CACHE, default
+# ~/.cache/corpusfactory), shared by every checkout; it never holds the project
+# itself. Each checkout gets its own thin .venv on top of it: a venv without
+# packages of its own but a .pth file that adds the cached environment's
+# site-packages, and an editable install of this checkout. So .venv/bin/python and
+# .venv/bin/corpusfactory always run this checkout's code. The dependencies' own
+# programs (pytest, ruff, mypy, deepspeed) stay in the cached environment's bin.
+# The broker's jars and the demo models are cached there too, so every target is
+# fast when everything is already in place.
 
 PYTHON ?= python3
 CACHE ?= $(or $(CORPUSFACTORY_CACHE),$(HOME)/.cache/corpusfactory)
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-16)
-VENV_DIR := $(CACHE)/venvs/$(LOCK_HASH)
+VENV_DIR := $(abspath $(CACHE)/venvs/$(LOCK_HASH))
+DEPS_PY := $(VENV_DIR)/bin/python
+DEPS_BIN := $(VENV_DIR)/bin
 VENV := .venv
 PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
 export CORPUSFACTORY_CACHE := $(CACHE)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -46,22 +55,56 @@ $(VENV_DIR)/.complete:
 	@mkdir -p "$(CACHE)/venvs"
 	@flock "$(CACHE)/venvs/.$(LOCK_HASH).lock" $(MAKE) --no-print-directory _build-venv
 
-.PHONY: _build-venv
+.PHONY: _build-venv _unshare-project
 _build-venv:
 	@if [ ! -e "$(VENV_DIR)/.complete" ]; then \
 		rm -rf "$(VENV_DIR)" && \
 		$(PYTHON) -m venv "$(VENV_DIR)" && \
-		"$(VENV_DIR)/bin/python" -m pip install -q --upgrade pip && \
-		"$(VENV_DIR)/bin/python" -m pip install -q -r requirements.lock && \
+		"$(DEPS_PY)" -m pip install -q --upgrade pip && \
+		"$(DEPS_PY)" -m pip install -q -r requirements.lock && \
 		touch "$(VENV_DIR)/.complete"; \
 	fi
 
+# Earlier, every checkout installed itself (editable) into the cached environment,
+# so the last one to run make won for all of them. Such an install is removed, under
+# the environment's lock; the cached environment then holds the dependencies alone
+# and nothing in it can shadow a checkout's packages.
+STALE_PROJECT := __editable__*corpusfactory* __pycache__/__editable__*corpusfactory* \
+	corpusfactory*.dist-info corpusfactory*.egg-link
+_unshare-project:
+	@site=$$(echo "$(VENV_DIR)"/lib/python3*/site-packages); found=""; \
+	for f in $(addprefix "$$site"/,$(STALE_PROJECT)) "$(DEPS_BIN)/corpusfactory"; do \
+		[ -e "$$f" ] && found="$$found $$f"; done; \
+	if [ -n "$$found" ]; then \
+		echo "removing the project's install from the shared environment $(VENV_DIR)"; \
+		(cd / && "$(DEPS_PY)" -m pip uninstall -q -y corpusfactory >/dev/null 2>&1); \
+		(cd "$$site" && rm -rf $(STALE_PROJECT)) && rm -f "$(DEPS_BIN)/corpusfactory"; \
+	fi
+
+# This checkout's thin .venv: same base interpreter as the cached environment
+# (created by its python), which it reaches through a .pth file (site.addsitedir,
+# so the .pth files in there are run too), and this checkout installed editable
+# into it. pyvenv.cfg names the cached environment: that marks the venv as one this
+# Makefile made (it is rebuilt freely, anything else at .venv is left alone). It is
+# rebuilt when its stamp (cached environment, checkout folder, pyproject.toml) no
+# longer matches; a .venv link (the previous scheme) is replaced.
+VENV_STAMP := $(VENV)/.corpusfactory-venv
 venv: $(VENV_DIR)/.complete
-	@if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo "$(VENV) exists and is not a link: remove it"; exit 1; fi
-	@ln -sfn "$(VENV_DIR)" $(VENV)
-	@mkdir -p .state
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >.state/editable-install.log 2>&1 \
-		|| { cat .state/editable-install.log; exit 1; }
+	@flock "$(CACHE)/venvs/.$(LOCK_HASH).lock" $(MAKE) --no-print-directory _unshare-project
+	@want="deps=$(VENV_DIR) root=$(CURDIR) pyproject=$$(sha256sum pyproject.toml | cut -c1-16)"; \
+	if [ -L $(VENV) ]; then echo "replacing the $(VENV) link with this checkout's own $(VENV)"; rm -f $(VENV); fi; \
+	if [ -d $(VENV) ] && [ "$$(cat $(VENV_STAMP) 2>/dev/null)" = "$$want" ] && $(PY) -c '' 2>/dev/null; then exit 0; fi; \
+	if [ -e $(VENV) ] && ! grep -qs '^corpusfactory-deps = ' $(VENV)/pyvenv.cfg; then \
+		echo "$(VENV) exists and was not made by this Makefile: remove it"; exit 1; fi; \
+	mkdir -p .state && rm -rf $(VENV) && \
+	"$(DEPS_PY)" -m venv --without-pip $(VENV) && \
+	echo "corpusfactory-deps = $(VENV_DIR)" >>$(VENV)/pyvenv.cfg && \
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') && \
+	"$(DEPS_PY)" -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_path("purelib"))' \
+		>"$$site/_corpusfactory_deps.pth" && \
+	{ $(PY) -m pip install -q --no-deps --no-build-isolation -e . >.state/editable-install.log 2>&1 \
+		|| { cat .state/editable-install.log; exit 1; }; } && \
+	echo "$$want" >$(VENV_STAMP)
 
 jars: venv
 	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
@@ -72,20 +115,23 @@ models: venv
 demo: setup
 	$(VENV)/bin/corpusfactory demo --config configs/demo.yaml
 
-# The tests run under the cached environment's own path, not through the .venv link:
-# torch rebuilds DeepSpeed's CPU op (about 50 s) whenever its include paths change,
-# and through the link they would change with every checkout's folder.
+# The tests run under the cached environment's own interpreter, not the checkout's
+# .venv: torch rebuilds DeepSpeed's CPU op (about 50 s) whenever its include paths
+# change, so the interpreter must be the same for every checkout. The checkout comes
+# first on the path (the working directory, and PYTHONPATH for the processes the
+# tests start, e.g. `python -m corpusfactory` workers), and the cached environment
+# holds no copy of the project, so the tests run this checkout's code.
 test: setup
-	$(VENV_DIR)/bin/python -m pytest -q -p no:cacheprovider
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)" -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 check: venv
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	"$(DEPS_BIN)/ruff" format --check .
+	"$(DEPS_BIN)/ruff" check .
+	"$(DEPS_BIN)/mypy"
 
 format: venv
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	"$(DEPS_BIN)/ruff" format .
+	"$(DEPS_BIN)/ruff" check --fix .
 
 clean-state:
 	rm -rf .state

@@ -14,15 +14,24 @@ Kafka 3.9.1, acting as both broker and KRaft controller (no ZooKeeper).
   ``broker.pid``, ``broker.log`` and ``ports.json`` (the chosen ports, reused on
   every restart so clients and stored offsets stay valid).
 
-The broker runs detached in its own session, so it outlives the command that
-started it; ``stop`` ends it. Extra JVM options can be given in
-``CORPUSFACTORY_BROKER_JVM_OPTS`` (e.g. ``-Xmx1g``; later options win).
+* ``EmbeddedCluster`` runs three such nodes (``size``) as one replicated
+  cluster on loopback, for the tests of broker failures (reliability.md,
+  scenario 11): every node is broker and controller, ``controller.quorum.voters``
+  lists all of them, and one cluster id is formatted into each node's storage.
+  Its files live under ``<state_dir>/kafka-cluster/`` (``cluster.json``, then one
+  ``node-<id>/kafka/`` per node, laid out as a single broker's).
+
+A broker runs detached in its own session, so it outlives the command that
+started it; ``stop`` ends it (``kill`` crashes it, for fault tests). Extra JVM
+options can be given in ``CORPUSFACTORY_BROKER_JVM_OPTS`` (e.g. ``-Xmx1g``; later
+options win).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -196,20 +205,8 @@ class EmbeddedBroker:
             pid = self._broker_pid()
             if pid is not None:
                 return self._await_existing(pid, timeout)
-            self.pid_path.unlink(missing_ok=True)  # stale: its process is gone
-            java = java_executable()
-            libs = ensure_jars()
-            port, controller_port = self._choose_ports()
-            self._write_config(port, controller_port)
-            self._format_storage(java, libs)
-            proc = self._launch(java, libs)
-            try:
-                self._wait_ready(proc.pid, port, timeout)
-            except BaseException:
-                # Never leave a half-started broker behind (also on Ctrl-C).
-                self._terminate(proc.pid, timeout=10.0)
-                self.pid_path.unlink(missing_ok=True)
-                raise
+            pid, port = self._spawn()
+            self._await_spawned(pid, port, timeout)
             return _address(port)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -221,6 +218,21 @@ class EmbeddedBroker:
             if pid is not None:
                 self._terminate(pid, timeout)
             self.pid_path.unlink(missing_ok=True)
+
+    def kill(self) -> int | None:
+        """SIGKILL the broker's JVM, as a crash or a power cut would end it: no clean
+        shutdown, no flush. Returns the pid it killed (None if none ran); ``start``
+        brings the broker back, recovering its logs from the disk."""
+        if not self.home.is_dir():
+            return None
+        with _file_lock(self.home / ".lock"):
+            pid = self._broker_pid()
+            if pid is not None:
+                _signal(pid, signal.SIGKILL)
+                _wait_exit(pid, 10.0)
+                _CHILDREN.pop(pid, None)
+            self.pid_path.unlink(missing_ok=True)
+            return pid
 
     def is_running(self) -> bool:
         """True when the broker process is alive and answers Kafka requests."""
@@ -275,6 +287,26 @@ class EmbeddedBroker:
         self._wait_ready(pid, ports[0], timeout, stop_hint=True)
         return _address(ports[0])
 
+    def _spawn(self) -> tuple[int, int]:
+        """Write the configuration, format the storage once and launch the JVM; returns
+        its pid and client port. The caller holds the lock and found no broker running."""
+        self.pid_path.unlink(missing_ok=True)  # stale: its process is gone
+        java = java_executable()
+        libs = ensure_jars()
+        port, controller_port = self._choose_ports()
+        self._write_config(port, controller_port)
+        self._format_storage(java, libs)
+        return self._launch(java, libs).pid, port
+
+    def _await_spawned(self, pid: int, port: int, timeout: float) -> None:
+        try:
+            self._wait_ready(pid, port, timeout)
+        except BaseException:
+            # Never leave a half-started broker behind (also on Ctrl-C).
+            self._terminate(pid, timeout=10.0)
+            self.pid_path.unlink(missing_ok=True)
+            raise
+
     def _terminate(self, pid: int, timeout: float) -> None:
         _signal(pid, signal.SIGTERM)
         if not _wait_exit(pid, timeout):
@@ -315,8 +347,18 @@ class EmbeddedBroker:
 
     def _write_config(self, port: int, controller_port: int) -> None:
         # Rewritten on every start so a changed port or a newer template applies.
-        _write_atomic(self.config_path, _server_properties(self.data_dir, port, controller_port))
+        _write_atomic(self.config_path, self._properties(port, controller_port))
         _write_atomic(self.log4j_path, _LOG4J_PROPERTIES)
+
+    def _properties(self, port: int, controller_port: int) -> str:
+        return _server_properties(self.data_dir, port, controller_port)
+
+    def _cluster_id(self) -> str:
+        """The id the storage is formatted with: a fresh one for a single node."""
+        return _random_cluster_id()
+
+    def _jvm_opts(self) -> tuple[str, ...]:
+        return BASE_JVM_OPTS
 
     def _format_storage(self, java: str, libs: Path) -> None:
         # KRaft log dirs must be formatted with a cluster id once; meta.properties
@@ -326,7 +368,7 @@ class EmbeddedBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             java, *TOOL_JVM_OPTS, "-cp", _classpath(libs), self._log4j_option(),
-            "kafka.tools.StorageTool", "format", "-t", _random_cluster_id(),
+            "kafka.tools.StorageTool", "format", "-t", self._cluster_id(),
             "-c", str(self.config_path), "--ignore-formatted",
         ]  # fmt: skip
         try:
@@ -347,7 +389,7 @@ class EmbeddedBroker:
     def _launch(self, java: str, libs: Path) -> subprocess.Popen[bytes]:
         _rotate(self.log_path)
         cmd = [
-            java, *BASE_JVM_OPTS, *_extra_jvm_opts(), "-cp", _classpath(libs),
+            java, *self._jvm_opts(), *_extra_jvm_opts(), "-cp", _classpath(libs),
             self._log4j_option(), "kafka.Kafka", str(self.config_path),
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
@@ -397,25 +439,260 @@ class EmbeddedBroker:
             return "(no broker log)"
 
 
+# --------------------------------------------------------------------------- cluster
+
+CLUSTER_SIZE = 3
+# Appended to BASE_JVM_OPTS for cluster nodes (later options win): three JVMs share
+# the machine, so each gets a smaller heap and only the quick C1 JIT, which spares
+# the CPU that C2 compile threads would take from the workers while they start.
+CLUSTER_JVM_OPTS = ("-Xms32m", "-Xmx256m", "-XX:TieredStopAtLevel=1")
+
+
+def majority_of(replicas: int) -> int:
+    """The smallest majority of ``replicas``: the min.insync.replicas that lets a
+    write acknowledged by acks=all survive the loss of any minority of the replicas."""
+    return replicas // 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterLayout:
+    """What every node of a cluster must agree on, fixed at its first start."""
+
+    cluster_id: str
+    ports: dict[int, tuple[int, int]]  # node id -> (client port, controller port)
+
+    @property
+    def voters(self) -> str:
+        """``controller.quorum.voters``: every node is a controller."""
+        return ",".join(f"{n}@{HOST}:{c}" for n, (_, c) in sorted(self.ports.items()))
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(_address(p) for _, (p, _) in sorted(self.ports.items()))
+
+    @property
+    def internal_replicas(self) -> int:
+        return min(3, len(self.ports))
+
+
+class ClusterNode(EmbeddedBroker):
+    """One node of an ``EmbeddedCluster``, broker and controller at once. Its files are
+    laid out as a single broker's, under ``<cluster home>/node-<id>/kafka/``; ``start``
+    (re)starts this node alone, ``kill`` crashes it."""
+
+    def __init__(self, cluster_home: Path, node_id: int, layout: ClusterLayout) -> None:
+        port, controller_port = layout.ports[node_id]
+        super().__init__(cluster_home / f"node-{node_id}", port, controller_port)
+        self.node_id = node_id
+        self.layout = layout
+
+    def _properties(self, port: int, controller_port: int) -> str:
+        replicas = self.layout.internal_replicas
+        return _server_properties(
+            self.data_dir,
+            port,
+            controller_port,
+            node_id=self.node_id,
+            voters=self.layout.voters,
+            replicas=replicas,
+            min_isr=majority_of(replicas),
+        )
+
+    def _cluster_id(self) -> str:
+        # Every node's storage carries the same id, or the nodes refuse each other.
+        return self.layout.cluster_id
+
+    def _jvm_opts(self) -> tuple[str, ...]:
+        return (*BASE_JVM_OPTS, *CLUSTER_JVM_OPTS)
+
+
+class EmbeddedCluster:
+    """A replicated Kafka cluster on loopback: ``size`` KRaft nodes (3 by default),
+    each broker and controller, under ``<state_dir>/kafka-cluster/``.
+
+    ``cluster.json`` holds the cluster id and every node's ports, chosen at the first
+    start and kept, so a restarted node (or the whole cluster) comes back at the same
+    addresses with the same data. Internal topics get min(3, size) replicas and a
+    majority of them as ``min.insync.replicas``.
+    """
+
+    def __init__(self, state_dir: Path | str, size: int = CLUSTER_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one node, not {size}")
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.home = self.state_dir / "kafka-cluster"
+        self.layout_path = self.home / "cluster.json"
+        self.size = size
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        return tuple(range(1, self.size + 1))
+
+    @property
+    def bootstrap(self) -> str | None:
+        """``127.0.0.1:P1,127.0.0.1:P2,...`` once the ports were chosen, else None."""
+        layout = self._stored_layout()
+        return layout.bootstrap if layout else None
+
+    def node(self, node_id: int) -> ClusterNode:
+        """A handle on one node (the cluster must have been started once)."""
+        layout = self._stored_layout()
+        if layout is None:
+            raise BrokerError(f"the Kafka cluster in {self.home} was never started")
+        if node_id not in layout.ports:
+            raise BrokerError(f"the Kafka cluster has no node {node_id} (nodes: {self.node_ids})")
+        return ClusterNode(self.home, node_id, layout)
+
+    def nodes(self) -> list[ClusterNode]:
+        layout = self._stored_layout()
+        return [] if layout is None else [ClusterNode(self.home, n, layout) for n in self.node_ids]
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start every node that is not running and return the bootstrap servers once
+        all of them serve clients."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.home / ".lock"), contextlib.ExitStack() as locks:
+            layout = self._stored_layout() or self._new_layout()
+            nodes = [ClusterNode(self.home, n, layout) for n in self.node_ids]
+            for node in nodes:  # always in node order, so two starts cannot deadlock
+                node.home.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(_file_lock(node.home / ".lock"))
+            spawned: list[tuple[ClusterNode, int]] = []
+            try:
+                # Every node is launched before any is awaited: a node serves clients
+                # only once a majority of the controllers has elected a leader.
+                waits = []
+                for node in nodes:
+                    pid = node._broker_pid()
+                    if pid is None:
+                        pid = node._spawn()[0]
+                        spawned.append((node, pid))
+                    waits.append((node, pid))
+                deadline = time.monotonic() + timeout
+                for node, pid in waits:
+                    port = layout.ports[node.node_id][0]
+                    node._wait_ready(pid, port, max(1.0, deadline - time.monotonic()))
+                self._await_membership(layout, deadline)
+            except BaseException:
+                # Never leave a half-started cluster behind (also on Ctrl-C).
+                for _node, pid in spawned:
+                    _signal(pid, signal.SIGTERM)
+                for node, pid in spawned:
+                    node._terminate(pid, timeout=10.0)
+                    node.pid_path.unlink(missing_ok=True)
+                raise
+            return layout.bootstrap
+
+    def _await_membership(self, layout: ClusterLayout, deadline: float) -> None:
+        # Each node serving clients is not yet enough: its metadata may not list the
+        # others for a moment, and a client asking it would see a smaller cluster
+        # (and, say, create topics with fewer replicas).
+        for node_id, (port, _) in sorted(layout.ports.items()):
+            while (known := _brokers_known(port)) < self.size:
+                if time.monotonic() >= deadline:
+                    raise BrokerError(
+                        f"node {node_id} of the Kafka cluster knows {known} of "
+                        f"{self.size} brokers; see the logs under {self.home}"
+                    )
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every node: SIGTERM to all at once (the last one standing would wait for
+        a controller quorum that is gone), then SIGKILL what is left after ``timeout``."""
+        nodes = [n for n in self.nodes() if n.home.is_dir()]
+        with contextlib.ExitStack() as locks:
+            for node in nodes:
+                locks.enter_context(_file_lock(node.home / ".lock"))
+            pids = [(node, node._broker_pid()) for node in nodes]
+            for _, pid in pids:
+                if pid is not None:
+                    _signal(pid, signal.SIGTERM)
+            for node, pid in pids:
+                if pid is not None:
+                    node._terminate(pid, timeout)
+                node.pid_path.unlink(missing_ok=True)
+
+    def kill(self, node_id: int) -> int | None:
+        """SIGKILL one node's JVM; returns its pid (None if it was not running)."""
+        return self.node(node_id).kill()
+
+    def pids(self) -> dict[int, int | None]:
+        """Node id -> pid of its running JVM, or None."""
+        return {node.node_id: node._broker_pid() for node in self.nodes()}
+
+    def is_running(self) -> bool:
+        """True when every node is alive and answers Kafka requests."""
+        nodes = self.nodes()
+        return bool(nodes) and all(node.is_running() for node in nodes)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running": self.is_running(),
+            "bootstrap": self.bootstrap,
+            "nodes": {node.node_id: node.status() for node in self.nodes()},
+        }
+
+    # ---- layout
+
+    def _stored_layout(self) -> ClusterLayout | None:
+        try:
+            data = json.loads(self.layout_path.read_text(encoding="utf-8"))
+            ports = {
+                int(n): (int(p["port"]), int(p["controller_port"]))
+                for n, p in data["nodes"].items()
+            }
+            layout = ClusterLayout(str(data["cluster_id"]), ports)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if sorted(layout.ports) != list(self.node_ids):
+            raise BrokerError(
+                f"the Kafka cluster in {self.home} has nodes {sorted(layout.ports)}, "
+                f"not {list(self.node_ids)}: delete {self.home} to make a new one"
+            )
+        return layout
+
+    def _new_layout(self) -> ClusterLayout:
+        free = _free_ports(2 * self.size)  # all at once, so they are distinct
+        ports = {n: (free[2 * i], free[2 * i + 1]) for i, n in enumerate(self.node_ids)}
+        layout = ClusterLayout(_random_cluster_id(), ports)
+        nodes = {str(n): {"port": p, "controller_port": c} for n, (p, c) in layout.ports.items()}
+        payload = {"cluster_id": layout.cluster_id, "nodes": nodes}
+        _write_atomic(self.layout_path, json.dumps(payload, indent=1) + "\n")
+        return layout
+
+
 # --------------------------------------------------------------------------- templates
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def _server_properties(
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    *,
+    node_id: int = 1,
+    voters: str | None = None,
+    replicas: int = 1,
+    min_isr: int = 1,
+) -> str:
+    """One node's server.properties. Alone (the defaults) it is its own quorum; in a
+    cluster ``voters`` lists every controller and the internal topics are replicated
+    ``replicas`` times, acknowledged by ``min_isr`` of them."""
     settings = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@{HOST}:{controller_port}",
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir),
-        # One node: every internal topic has a single replica.
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "min.insync.replicas": "1",
+        # Internal topics (consumer offsets, producer ids) get one replica per node.
+        "offsets.topic.replication.factor": str(replicas),
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": str(min_isr),
+        "min.insync.replicas": str(min_isr),
+        "default.replication.factor": str(replicas),
         # Fewer internal partitions than the default 50: faster first group join.
         "offsets.topic.num.partitions": "8",
         "transaction.state.log.num.partitions": "8",
@@ -572,20 +849,44 @@ def _answers_kafka(port: int, timeout: float = 2.0) -> bool:
     ready for clients, so any answer means ready. ApiVersions v0 is the one request
     every Kafka version understands.
     """
+    payload = _kafka_request(port, api_key=18, version=0, body=b"", timeout=timeout)
+    return payload is not None and payload[:2] == b"\x00\x00"  # error code 0
+
+
+def _brokers_known(port: int, timeout: float = 2.0) -> int:
+    """How many live brokers the broker on the port knows of (0 if it does not answer).
+
+    A Metadata v4 request for no topics: the answer starts with the throttle time,
+    then the array of the brokers in the node's metadata (unfenced ones only).
+    """
+    body = struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation: false
+    payload = _kafka_request(port, api_key=3, version=4, body=body, timeout=timeout)
+    if payload is None or len(payload) < 8:
+        return 0
+    (count,) = struct.unpack(">i", payload[4:8])
+    return max(0, count)
+
+
+def _kafka_request(
+    port: int, api_key: int, version: int, body: bytes, timeout: float
+) -> bytes | None:
+    """Send one request (header v1) and return the response after its correlation id,
+    or None when no well-formed answer comes."""
     correlation_id = 0x5EED
     client_id = b"corpusfactory-probe"
-    body = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    header = struct.pack(">hhih", api_key, version, correlation_id, len(client_id)) + client_id
+    request = header + body
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
+            sock.sendall(struct.pack(">i", len(request)) + request)
             (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            if not 6 <= size <= 1_048_576:
-                return False  # not Kafka speaking
+            if not 6 <= size <= 16 * 1_048_576:
+                return None  # not Kafka speaking
             payload = _recv_exact(sock, size)
     except (OSError, struct.error):
-        return False
-    got_id, error_code = struct.unpack(">ih", payload[:6])
-    return got_id == correlation_id and error_code == 0
+        return None
+    (got_id,) = struct.unpack(">i", payload[:4])
+    return payload[4:] if got_id == correlation_id else None
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:

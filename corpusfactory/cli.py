@@ -13,13 +13,22 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from corpusfactory.errors import CorpusFactoryError
-from corpusfactory.settings import Settings, load_settings
+from corpusfactory.errors import EXIT_INTERRUPTED, CorpusFactoryError, exit_code
+from corpusfactory.redact import RedactingFormatter, redact_text, secret_values, secret_values_in
+from corpusfactory.settings import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger("corpusfactory")
+
+EXIT_UNEXPECTED = 1  # not an error of the tree: a bug, or a failure nobody foresaw
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# The secret values this process knows (the environment's, then the loaded settings'):
+# every error message, log line and printed JSON is scrubbed of them.
+_SECRETS: set[str] = set()
 
 
 def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
@@ -28,11 +37,13 @@ def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
     overrides: dict[str, Any] = dict(sections)
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
-    return load_settings(args.config, overrides=overrides)
+    settings = load_settings(args.config, overrides=overrides)
+    _SECRETS.update(secret_values(settings))
+    return settings
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    print(redact_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), _SECRETS))
 
 
 # -- broker ----------------------------------------------------------------------
@@ -105,8 +116,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.text is not None:
         lines = [args.text]
     else:
-        with open(args.file, encoding="utf-8") as fh:
-            lines = [line.rstrip("\n") for line in fh]
+        from corpusfactory.errors import InputFileError
+
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                lines = [line.rstrip("\n") for line in fh]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputFileError(f"{args.file}: cannot read the texts to score: {exc}") from exc
     s = _settings(args)
     scorer = MLMScorer(
         resolve_model(args.model or s.models.scorer, s.models.models_dir),
@@ -334,29 +350,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_setup(level: str) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in root.handlers:
+        if handler not in before:  # ours; a host's handlers (pytest's) are left alone
+            handler.setFormatter(RedactingFormatter(LOG_FORMAT, _SECRETS))
+    # The Kafka clients log every metadata refresh at INFO; keep our own INFO readable.
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "httpx", "pymilvus", "milvus_lite"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _environment_secrets() -> set[str]:
+    """Secrets set in the environment (CORPUSFACTORY_*__SASL_PASSWORD, MILVUS_URI, ...),
+    known before the settings load: a command may fail before that."""
+    env = {
+        key.lower(): value
+        for key, value in os.environ.items()
+        if key.startswith(ENV_PREFIX) or key in ("MILVUS_URI", "KAFKA_BOOTSTRAP_SERVERS")
+    }
+    return secret_values_in(env)
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    """Print ``exc`` for the command line (scrubbed of secrets) and return its exit code.
+
+    An error of the tree is its message (one line for a bad file, setting or argument);
+    anything else is one line with its type and a hint, the traceback only at DEBUG."""
+    if debug:
+        trace = "".join(traceback.format_exception(exc))
+        print(redact_text(trace, _SECRETS), file=sys.stderr, end="")
+    if isinstance(exc, CorpusFactoryError):
+        print(f"corpusfactory: error: {redact_text(str(exc), _SECRETS)}", file=sys.stderr)
+        return exit_code(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    hint = "" if debug else "; run with --log-level DEBUG for the traceback"
+    print(f"corpusfactory: unexpected error: {redact_text(what, _SECRETS)}{hint}", file=sys.stderr)
+    return EXIT_UNEXPECTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "corpus" and args.action == "export" and not args.out:
         parser.error("corpus export needs --out FILE")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The Kafka clients log every metadata refresh at INFO; keep our own INFO readable.
-    for noisy in ("kafka", "aiokafka", "faust", "mode", "httpx", "pymilvus", "milvus_lite"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    _SECRETS.update(_environment_secrets())
+    try:
+        _log_setup(args.log_level)
+    except ValueError:  # an unknown level name
+        parser.error(f"--log-level {args.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
     try:
         return int(args.fn(args))
-    except CorpusFactoryError as exc:
-        print(f"corpusfactory: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return report_error(exc, debug=args.log_level.upper() == "DEBUG")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,18 @@ topics there.
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import faust
 from aiokafka.helpers import create_ssl_context
+from faust.transport.drivers.aiokafka import Producer as FaustAIOKafkaProducer
+from faust.types import ProducerT
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from corpusfactory.broker import EmbeddedBroker
+from corpusfactory.broker import EmbeddedBroker, majority_of
 from corpusfactory.contract import ALL_TOPICS, SCORED, SINGLE_PARTITION_TOPICS
 from corpusfactory.errors import BrokerError, ConfigError
 from corpusfactory.settings import KafkaSettings, Settings
@@ -107,6 +111,18 @@ def kafka_python_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     return kwargs
 
 
+# Every producer of the pipeline: a write is acknowledged only once all in-sync
+# replicas hold it (at least min.insync.replicas of them), and the retries that a
+# failover causes never write a record twice.
+RELIABLE_PRODUCER: dict[str, Any] = {"acks": "all", "enable_idempotence": True}
+
+
+def kafka_python_producer_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    """Keyword arguments for kafka-python's ``KafkaProducer``: the client ones, acks=all
+    and idempotence."""
+    return {**kafka_python_kwargs(kafka, bootstrap), **RELIABLE_PRODUCER}
+
+
 def faust_broker_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     """``faust.App`` keyword arguments: ``broker`` and, when secured, ``broker_credentials``."""
     kwargs: dict[str, Any] = {
@@ -116,6 +132,30 @@ def faust_broker_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     if credentials is not None:
         kwargs["broker_credentials"] = credentials
     return kwargs
+
+
+class _IdempotentFaustProducer(FaustAIOKafkaProducer):
+    """Faust's aiokafka producer with idempotence on.
+
+    faust-streaming has a setting for acks (``producer_acks``) but turns idempotence
+    on only for ``processing_guarantee="exactly_once"``, i.e. with transactions.
+    A worker's sends (scored turns, decisions, dead letters) are retried by aiokafka
+    when a partition leader fails over; idempotence keeps such a retry from writing
+    the record twice.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "enable_idempotence": True}
+
+
+class ReliableFaustApp(faust.App):
+    """A ``faust.App`` whose producer uses idempotence; create it with
+    ``producer_acks=-1`` (acks=all), which idempotence requires."""
+
+    def _new_producer(self) -> ProducerT:
+        if self.transport.Producer is not FaustAIOKafkaProducer:
+            return super()._new_producer()  # another driver: left as it is
+        return _IdempotentFaustProducer(self.transport, loop=self.loop, beacon=self.beacon)
 
 
 def _faust_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -171,7 +211,8 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
 
 
 def ensure_topics(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0) -> None:
-    """Create the contract topics that are missing. Existing topics are left as they are."""
+    """Create the contract topics that are missing, replicated as ``topic_replication``
+    says. Existing topics are left as they are."""
     wanted = topic_partitions(settings)
     try:
         admin = KafkaAdminClient(
@@ -184,11 +225,33 @@ def ensure_topics(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from exc
     try:
         _create_missing(admin, settings, wanted, timeout_s)
-        _check_scored(admin, settings)
+        _check_scored(admin, settings, timeout_s)
     except KafkaError as exc:
         raise BrokerError(f"cannot create the topics on Kafka at {bootstrap}: {exc!r}") from exc
     finally:
         admin.close()
+
+
+def topic_replication(settings: Settings, live_brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for the topics ``ensure_topics`` creates.
+
+    Unset, the replication factor is min(3, the brokers alive now) (1 on the embedded
+    broker, 3 on a cluster of three or more) and min.insync.replicas a majority of
+    the replicas (1 of 1, 2 of 2, 2 of 3): with acks=all, a write is acknowledged
+    only once a majority holds it, and the topic keeps taking writes while a
+    minority of its replicas is down.
+    """
+    kafka = settings.kafka
+    replicas = kafka.replication_factor or max(1, min(3, live_brokers))
+    min_isr = kafka.min_insync_replicas or majority_of(replicas)
+    if min_isr > replicas:
+        raise ConfigError(
+            [
+                f"kafka.min_insync_replicas ({min_isr}) exceeds the replication factor "
+                f"({replicas}): no write could ever be acknowledged"
+            ]
+        )
+    return replicas, min_isr
 
 
 def _create_missing(
@@ -197,13 +260,14 @@ def _create_missing(
     missing = sorted(set(wanted) - set(admin.list_topics()))
     if not missing:
         return
-    config = {"max.message.bytes": str(settings.kafka.max_message_bytes)}
+    live = len(admin.describe_cluster().get("brokers") or [])
+    replicas, min_isr = topic_replication(settings, live)
+    config = {
+        "max.message.bytes": str(settings.kafka.max_message_bytes),
+        "min.insync.replicas": str(min_isr),
+    }
     request = {
-        name: {
-            "num_partitions": wanted[name],
-            "replication_factor": settings.kafka.replication_factor,
-            "configs": config,
-        }
+        name: {"num_partitions": wanted[name], "replication_factor": replicas, "configs": config}
         for name in missing
     }
     # Errors are read per topic: another process creating the same topic at the
@@ -221,12 +285,21 @@ def _create_missing(
     admin.wait_for_topics(missing, timeout_ms=int(timeout_s * 1000))
 
 
-def _check_scored(admin: KafkaAdminClient, settings: Settings) -> None:
+def _check_scored(admin: KafkaAdminClient, settings: Settings, timeout_s: float) -> None:
     # A pre-existing turns.scored with more partitions would silently break the
     # single-writer admission order, so refuse to run on it.
     name = settings.topic(SCORED)
-    (info,) = admin.describe_topics([name])
-    count = len(info.get("partitions") or [])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (info,) = admin.describe_topics([name])
+        # On a cluster, a broker may not know a topic created a moment ago through
+        # another one (its metadata follows the controller's a little later).
+        if info.get("error_code") == 0 and info.get("partitions"):
+            break
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"topic {name} is not visible on Kafka after {timeout_s:g}s")
+        time.sleep(0.2)
+    count = len(info["partitions"])
     if count != SCORED_PARTITIONS:
         raise BrokerError(
             f"topic {name} has {count} partitions but must have exactly {SCORED_PARTITIONS} "

@@ -8,6 +8,15 @@ and gates every build against the full-precision snapshot (``serving.gguf.gate``
 held-out text: the snapshot's held-out conversations, topped up with seed conversations
 to ``serving.gate_texts``. Each build is recorded (``builds.BuildStore``) and announced on
 ``models.builds``, published only if it passed; the serving processes follow that topic.
+
+A snapshot whose build fails (the converter refuses it: ``ConversionError``; the quantizer
+or the gate fails) does not stop the service: ``build_all`` and ``follow`` record it in
+``<builds_dir>/<snapshot>.failure`` (``corpusfactory.failures``, with the step that failed
+and the error), count it in ``corpusfactory_build_failures_total{reason}``, log one line
+and go on with the next snapshot. The builds it completed before the failure stay. A
+restart skips recorded snapshots, so one bad snapshot cannot make the builder fail in a
+loop; ``corpusfactory build --snapshot ID`` (or deleting the record) tries again, and a
+build that then succeeds clears the record. Transient errors (an engine down) raise.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -29,7 +39,8 @@ from corpusfactory.contract import (
     decode_snapshot,
     encode,
 )
-from corpusfactory.errors import ContractError
+from corpusfactory.errors import ContractError, is_transient
+from corpusfactory.failures import FailureRecords, error_line
 from corpusfactory.kafka_clients import kafka_python_kwargs
 from corpusfactory.metrics import BuilderMetrics
 from corpusfactory.seeds import load_seeds
@@ -52,6 +63,7 @@ class Builder:
         self.bootstrap = bootstrap
         self.snapshots = SnapshotStore(settings.snapshots_path)
         self.builds = BuildStore(settings.builds_path)
+        self.failures = FailureRecords(settings.builds_path)
         self.metrics = metrics or BuilderMetrics()
         # Builds made by earlier runs are exported too (not counted as made here).
         for described in list_builds(settings):
@@ -77,59 +89,108 @@ class Builder:
         texts += [self.fmt.render(c.messages) for c in seeds]
         return texts, f"heldout:{len(convs)}+seeds:{len(seeds)}"
 
-    def build(self, snap: Snapshot) -> list[Build]:
-        """Convert, quantize and gate what is missing for ``snap``; return the new builds."""
+    def build(self, snap: Snapshot, keep_going: bool = False) -> list[Build]:
+        """Convert, quantize and gate what is missing for ``snap``; return the new builds.
+
+        A failure raises; with ``keep_going`` it is recorded, counted and logged instead
+        (transient errors and a failed announcement still raise), and the builds made
+        before it are returned. Success clears an earlier failure record."""
         from serving.gguf.convert import convert_hf_to_gguf
-        from serving.gguf.gate import gate
         from serving.gguf.quantize import quantize
 
         todo = self.missing(snap)
         if not todo:
+            self.failures.clear(snap.id)
             return []
-        texts, text_source = self.gate_texts(snap)
-        f16 = self.builds.gguf_path(snap.id, "F16")
-        if not f16.is_file():
-            log.info("converting %s to GGUF f16", snap.id)
-            convert_hf_to_gguf(snap.path, f16, out_type="f16")
         out: list[Build] = []
-        for quant in todo:
-            started = time.perf_counter()
-            path = f16 if quant == "F16" else self.builds.gguf_path(snap.id, quant)
-            if quant != "F16":
-                quantize(f16, path, quant)
-            budget = self.s.serving.gate_budgets[quant]
-            figures = gate(
-                snap.path, path, texts, budget, max_tokens=self.s.serving.gate_max_tokens
-            )
-            figures["text_source"] = text_source
-            build = self.builds.record(
-                snap.id,
-                quant,
-                {
-                    "gate": figures,
-                    "published": bool(figures["passed"]),
-                    "built_at": time.time(),
-                    "build_seconds": round(time.perf_counter() - started, 3),
-                },
-            )
-            log.info(
-                "%s %s: %d bytes, KL %.4g, top-1 %.3f, ppl %+.2f%% -> %s",
-                snap.id, quant, build.record["size_bytes"], figures["kl_mean"],
-                figures["top1_agreement"], figures["ppl_delta_pct"],
-                "published" if build.published else "HELD BACK (outside its gate budget)",
-            )  # fmt: skip
-            self.metrics.observe_build(build.describe())
-            self._announce(build)
-            out.append(build)
+        step = "gate"  # the step under way: a failure's reason (gate texts come first)
+        try:
+            texts, text_source = self.gate_texts(snap)
+            f16 = self.builds.gguf_path(snap.id, "F16")
+            if not f16.is_file():
+                step = "convert"
+                log.info("converting %s to GGUF f16", snap.id)
+                convert_hf_to_gguf(snap.path, f16, out_type="f16")
+            for quant in todo:
+                started = time.perf_counter()
+                path = f16 if quant == "F16" else self.builds.gguf_path(snap.id, quant)
+                if quant != "F16":
+                    step = "quantize"
+                    quantize(f16, path, quant)
+                step = "gate"
+                build = self._gated(snap, quant, path, texts, text_source, started)
+                step = "announce"
+                self._announce(build)
+                out.append(build)
+        except Exception as exc:
+            if not keep_going or step == "announce" or is_transient(exc):
+                raise
+            self._failed(snap, step, exc)
+            return out
+        self.failures.clear(snap.id)
         return out
 
+    def _gated(
+        self,
+        snap: Snapshot,
+        quant: str,
+        path: Path,
+        texts: list[str],
+        text_source: str,
+        started: float,
+    ) -> Build:
+        """Gate one GGUF file against the snapshot and record it as a build."""
+        from serving.gguf.gate import gate
+
+        budget = self.s.serving.gate_budgets[quant]
+        figures = gate(snap.path, path, texts, budget, max_tokens=self.s.serving.gate_max_tokens)
+        figures["text_source"] = text_source
+        build = self.builds.record(
+            snap.id,
+            quant,
+            {
+                "gate": figures,
+                "published": bool(figures["passed"]),
+                "built_at": time.time(),
+                "build_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        log.info(
+            "%s %s: %d bytes, KL %.4g, top-1 %.3f, ppl %+.2f%% -> %s",
+            snap.id, quant, build.record["size_bytes"], figures["kl_mean"],
+            figures["top1_agreement"], figures["ppl_delta_pct"],
+            "published" if build.published else "HELD BACK (outside its gate budget)",
+        )  # fmt: skip
+        self.metrics.observe_build(build.describe())
+        return build
+
+    def _failed(self, snap: Snapshot, step: str, exc: Exception) -> None:
+        """Record a snapshot whose build failed, count it, say so in one line."""
+        self.failures.record(snap.id, step, exc, snapshot=snap.id)
+        self.metrics.failures.labels(step).inc()
+        log.error(
+            "%s: build failed at %s, skipped from now on (%s; `corpusfactory build "
+            "--snapshot %s` tries again): %s",
+            snap.id, step, self.failures.path(snap.id), snap.id, error_line(exc),
+        )  # fmt: skip
+
     def build_all(self) -> list[Build]:
-        """Builds for every complete snapshot that lacks some (oldest first)."""
+        """Builds for every complete snapshot that lacks some (oldest first); a snapshot
+        that fails is recorded and the next one is built; recorded ones are skipped."""
         self.builds.cleanup_partial()
         out: list[Build] = []
         for snap in self.snapshots.all():
-            out += self.build(snap)
+            if not self._skipped(snap.id):
+                out += self.build(snap, keep_going=True)
         return out
+
+    def _skipped(self, snapshot_id: str) -> bool:
+        record = self.failures.get(snapshot_id)
+        if record is None:
+            return False
+        log.info("%s: skipped, its build failed at %s before (%s)",
+                 snapshot_id, record.get("reason"), self.failures.path(snapshot_id))  # fmt: skip
+        return True
 
     def _announce(self, build: Build) -> None:
         if self.bootstrap is None:
@@ -181,7 +242,9 @@ class Builder:
         except (ContractError, SnapshotError) as exc:
             log.error("skipping a snapshot announcement: %s", exc)
             return 0
-        return len(self.build(snap))
+        if self._skipped(snap.id):
+            return 0
+        return len(self.build(snap, keep_going=True))
 
 
 def list_builds(settings: Settings) -> list[dict[str, Any]]:

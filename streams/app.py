@@ -30,7 +30,12 @@ import faust
 
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
-from corpusfactory.kafka_clients import ensure_topics, faust_broker_kwargs, resolve_bootstrap
+from corpusfactory.kafka_clients import (
+    ReliableFaustApp,
+    ensure_topics,
+    faust_broker_kwargs,
+    resolve_bootstrap,
+)
 from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics, metrics_endpoint
 from corpusfactory.settings import Settings
 
@@ -133,7 +138,7 @@ def create_app(
     app_id = app_id_for(settings, role)
     datadir = settings.state_path / "faust" / role
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = ReliableFaustApp(  # acks=all (producer_acks=-1) and idempotence
         app_id,
         **faust_broker_kwargs(settings.kafka, bootstrap),
         store="memory://",

@@ -36,7 +36,7 @@ written here from the format's definitions with the ``gguf`` package's ``GGUFWri
 * a chat template (``tokenizer.chat_template``) producing the project's chat format.
 
 Anything else (other architectures, tokenizers or rope scalings, quantized or
-``.bin``-only checkpoints) is refused with a ``ValueError`` that names it. Mistral's
+``.bin``-only checkpoints) is refused with a ``ConversionError`` that names it. Mistral's
 sliding window is not written: llama.cpp's ``llama`` architecture attends over the
 whole context, which equals the sliding window for contexts no longer than it.
 
@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from corpusfactory.chatformat import ChatFormat
+from corpusfactory.errors import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ def _read_json(path: Path, what: str) -> Json:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ValueError(f"{path.parent}: no {path.name} ({what})") from exc
+        raise ConversionError(f"{path.parent}: no {path.name} ({what})") from exc
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
+        raise ConversionError(f"{path}: cannot read {what}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: {what} is not a JSON object")
+        raise ConversionError(f"{path}: {what} is not a JSON object")
     return data
 
 
@@ -157,7 +158,7 @@ def _rope(config: Json) -> tuple[float, float | None]:
         return float(theta), None
     if kind == "linear":
         return float(theta), float(scaling["factor"])
-    raise ValueError(
+    raise ConversionError(
         f"unsupported rope scaling {kind!r}: the converter writes default and linear rope"
     )
 
@@ -167,21 +168,21 @@ def _hparams(model_dir: Path, config: Json) -> _HParams:
     arch = archs[0] if len(archs) == 1 else None
     if arch not in SUPPORTED_ARCHITECTURES:
         found = ", ".join(map(str, archs)) or f"model_type {config.get('model_type')!r}"
-        raise ValueError(
+        raise ConversionError(
             f"{model_dir}: unsupported architecture {found}: the GGUF converter supports "
             f"{' and '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if config.get("quantization_config"):
-        raise ValueError(f"{model_dir}: the checkpoint is quantized; convert the full model")
+        raise ConversionError(f"{model_dir}: the checkpoint is quantized; convert the full model")
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{model_dir}: unsupported activation {act!r} (llama uses silu)")
+        raise ConversionError(f"{model_dir}: unsupported activation {act!r} (llama uses silu)")
     rotary = config.get("partial_rotary_factor", 1.0)
     rope_params = config.get("rope_parameters")
     if isinstance(rope_params, dict):
         rotary = rope_params.get("partial_rotary_factor", rotary)
     if rotary != 1.0:
-        raise ValueError(f"{model_dir}: unsupported partial rotary factor {rotary}")
+        raise ConversionError(f"{model_dir}: unsupported partial rotary factor {rotary}")
     try:
         n_embd = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
@@ -207,9 +208,9 @@ def _hparams(model_dir: Path, config: Json) -> _HParams:
             notes=_notes(config),
         )
     except KeyError as exc:
-        raise ValueError(f"{model_dir}/config.json: missing {exc.args[0]!r}") from exc
+        raise ConversionError(f"{model_dir}/config.json: missing {exc.args[0]!r}") from exc
     if n_head % n_head_kv or head_dim % 2:
-        raise ValueError(
+        raise ConversionError(
             f"{model_dir}: {n_head} query heads, {n_head_kv} key/value heads and head size "
             f"{head_dim} do not fit (heads must be a multiple of KV heads, head size even)"
         )
@@ -233,7 +234,7 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     if index.is_file():
         weight_map = _read_json(index, "the safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map")
+            raise ConversionError(f"{index}: no weight_map")
         return {name: model_dir / str(file) for name, file in weight_map.items()}
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -242,11 +243,11 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         with safe_open(str(single), framework="pt") as fh:
             return dict.fromkeys(fh.keys(), single)
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
-        raise ValueError(
+        raise ConversionError(
             f"{model_dir}: only PyTorch pickles found; the converter reads safetensors "
             "(save the model with save_pretrained(safe_serialization=True))"
         )
-    raise ValueError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise ConversionError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
 # -- tensors -------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def permute_for_ggml_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """
     rows = weight.shape[0]
     if rows % n_heads or (rows // n_heads) % 2:
-        raise ValueError(f"cannot split {rows} rows into {n_heads} heads of even size")
+        raise ConversionError(f"cannot split {rows} rows into {n_heads} heads of even size")
     half = rows // n_heads // 2
     rest = weight.shape[1:]
     return weight.reshape(n_heads, 2, half, *rest).swapaxes(1, 2).reshape(weight.shape).copy()
@@ -342,13 +343,13 @@ def _plan(model_dir: Path, hp: _HParams, files: dict[str, Path], out_type: str) 
     unknown = sorted(n for n in files if n not in mapping and n not in skipped)
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise ValueError(
+        raise ConversionError(
             f"{model_dir}: unsupported tensors {', '.join(unknown[:5])}{more} "
             f"(not part of a {hp.hf_architecture})"
         )
     missing = [n for n in _required(hp) if n not in files]
     if missing:
-        raise ValueError(f"{model_dir}: missing tensors {', '.join(missing[:5])}")
+        raise ConversionError(f"{model_dir}: missing tensors {', '.join(missing[:5])}")
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt") as fh:
@@ -366,7 +367,7 @@ def _plan(model_dir: Path, hp: _HParams, files: dict[str, Path], out_type: str) 
         shape = shapes[hf_name]
         want = expected.get(hf_name)
         if want is not None and shape != want:
-            raise ValueError(f"{model_dir}: {hf_name} has shape {shape}, expected {want}")
+            raise ConversionError(f"{model_dir}: {hf_name} has shape {shape}, expected {want}")
         gguf_name, fn = mapping[hf_name]
         dtype = np.dtype(np.float16 if out_type == "f16" and len(shape) >= 2 else np.float32)
         plans.append(_Plan(gguf_name, hf_name, shape, dtype, fn))
@@ -424,11 +425,11 @@ def _flat(node: Any, key: str) -> list[Json]:
 
 
 def _tokenizer_kind(tj: Json, where: Path) -> tuple[str, bool | None]:
-    """("gpt2" | "llama", add_space_prefix) or a ValueError naming what is unsupported."""
+    """("gpt2" | "llama", add_space_prefix) or a ConversionError naming what is unsupported."""
     model = tj.get("model") or {}
     mtype = model.get("type")
     if mtype != "BPE":
-        raise ValueError(
+        raise ConversionError(
             f"{where}: unsupported tokenizer model {mtype!r}: the converter supports "
             "byte-level BPE and SentencePiece-style BPE with byte fallback"
         )
@@ -437,13 +438,13 @@ def _tokenizer_kind(tj: Json, where: Path) -> tuple[str, bool | None]:
     norms = _flat(norm, "normalizers")
     if not model.get("byte_fallback"):
         if len(pres) != 1 or pres[0].get("type") != "ByteLevel" or norms:
-            raise ValueError(
+            raise ConversionError(
                 f"{where}: unsupported BPE tokenizer (pre-tokenizer {_describe(pre)}, "
                 f"normalizer {_describe(norm)}): byte-level BPE needs a lone ByteLevel "
                 "pre-tokenizer (GPT-2 regex) and no normalizer"
             )
         if not pres[0].get("use_regex", True) or pres[0].get("add_prefix_space", False):
-            raise ValueError(
+            raise ConversionError(
                 f"{where}: unsupported ByteLevel options (use_regex="
                 f"{pres[0].get('use_regex', True)}, add_prefix_space="
                 f"{pres[0].get('add_prefix_space', False)}): llama.cpp's gpt-2 "
@@ -467,7 +468,7 @@ def _tokenizer_kind(tj: Json, where: Path) -> tuple[str, bool | None]:
             scheme = "always" if meta.get("add_prefix_space", True) else "never"
         if meta.get("replacement") == SPIECE_SPACE and not meta.get("split", False):
             return "llama", scheme != "never"
-    raise ValueError(
+    raise ConversionError(
         f"{where}: unsupported byte-fallback BPE tokenizer (pre-tokenizer {_describe(pre)}, "
         f"normalizer {_describe(norm)}): SentencePiece-style BPE needs spaces replaced by "
         f"{SPIECE_SPACE!r} (Prepend+Replace normalizers or a non-splitting Metaspace)"
@@ -484,7 +485,7 @@ def _post_processor_flags(
         if ptype == "ByteLevel":
             continue
         if ptype != "TemplateProcessing":
-            raise ValueError(f"{where}: unsupported post-processor {ptype!r}")
+            raise ConversionError(f"{where}: unsupported post-processor {ptype!r}")
         single = proc.get("single") or []
         specials = [
             (i, item["SpecialToken"]["id"])
@@ -497,7 +498,7 @@ def _post_processor_flags(
             elif i == len(single) - 1 and tok == eos:
                 add_eos = True
             else:
-                raise ValueError(
+                raise ConversionError(
                     f"{where}: the post-processor adds {tok!r} at position {i}; llama.cpp "
                     "can only add BOS first and EOS last"
                 )
@@ -512,10 +513,10 @@ def _merges(model: Json) -> list[str]:
         elif isinstance(m, list) and len(m) == 2:
             a, b = m
             if " " in a or " " in b:
-                raise ValueError(f"merge {m!r} holds a space; GGUF merges cannot express it")
+                raise ConversionError(f"merge {m!r} holds a space; GGUF merges cannot express it")
             out.append(f"{a} {b}")
         else:
-            raise ValueError(f"malformed merge {m!r}")
+            raise ConversionError(f"malformed merge {m!r}")
     return out
 
 
@@ -524,7 +525,7 @@ def _vocab(model_dir: Path, config: Json, n_vocab: int) -> _Vocab:
 
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
-        raise ValueError(
+        raise ConversionError(
             f"{model_dir}: no tokenizer.json: the converter reads the tokenizer from "
             "tokenizer.json (save a fast tokenizer with save_pretrained)"
         )
@@ -538,7 +539,7 @@ def _vocab(model_dir: Path, config: Json, n_vocab: int) -> _Vocab:
         by_id[int(a["id"])] = str(a["content"])
     too_big = [i for i in by_id if i >= n_vocab or i < 0]
     if too_big:
-        raise ValueError(
+        raise ConversionError(
             f"{tok_path}: token id {max(too_big)} is beyond the model's vocab_size {n_vocab}"
         )
     tokens: list[str] = []
@@ -552,7 +553,7 @@ def _vocab(model_dir: Path, config: Json, n_vocab: int) -> _Vocab:
             types.append(gguf.TokenType.UNUSED)
     dups = [t for t, n in Counter(tokens).items() if n > 1]
     if dups:
-        raise ValueError(f"{tok_path}: token {dups[0]!r} appears under two ids")
+        raise ConversionError(f"{tok_path}: token {dups[0]!r} appears under two ids")
     for a in added:
         types[int(a["id"])] = (
             gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
@@ -584,9 +585,9 @@ def _vocab(model_dir: Path, config: Json, n_vocab: int) -> _Vocab:
     if isinstance(tcfg.get("add_eos_token"), bool):
         add_eos = bool(tcfg["add_eos_token"])
     if add_bos and "bos" not in special_ids:
-        raise ValueError(f"{tok_path}: the tokenizer adds BOS but names no BOS token")
+        raise ConversionError(f"{tok_path}: the tokenizer adds BOS but names no BOS token")
     if add_eos and "eos" not in special_ids:
-        raise ValueError(f"{tok_path}: the tokenizer adds EOS but names no EOS token")
+        raise ConversionError(f"{tok_path}: the tokenizer adds EOS but names no EOS token")
 
     merges = _merges(model)
     vocab = _Vocab(
@@ -605,7 +606,7 @@ def _vocab(model_dir: Path, config: Json, n_vocab: int) -> _Vocab:
     # SentencePiece style: byte tokens, the unknown token, and scores from merge ranks.
     byte_ids = {int(m.group(1), 16): i for i, t in enumerate(tokens) if (m := _BYTE_TOKEN.match(t))}
     if len(byte_ids) != 256:
-        raise ValueError(
+        raise ConversionError(
             f"{tok_path}: byte fallback needs the 256 tokens <0x00>..<0xFF>, found {len(byte_ids)}"
         )
     for i in byte_ids.values():
@@ -709,7 +710,8 @@ def convert_hf_to_gguf(
     written: ``architecture``, ``hf_architecture``, ``n_tensors``, ``n_params``,
     ``vocab_size``, ``tokenizer`` ("gpt2" or "llama"), ``tokenizer_pre``, ``add_bos``,
     ``add_eos``, ``out_type``, ``size_bytes``, ``path`` and ``notes``. Raises
-    ``ValueError`` for anything it does not support, naming it.
+    ``ConversionError`` for a checkpoint it does not support, naming what, and
+    ``ValueError`` for an unknown ``out_type``.
     """
     import gguf
     from safetensors import safe_open
@@ -718,7 +720,7 @@ def convert_hf_to_gguf(
     if out_type not in OUT_TYPES:
         raise ValueError(f"unknown out_type {out_type!r} (expected one of {', '.join(OUT_TYPES)})")
     if not model_dir.is_dir():
-        raise ValueError(f"{model_dir}: not a model directory")
+        raise ConversionError(f"{model_dir}: not a model directory")
     config = _read_json(model_dir / "config.json", "the model config")
     hp = _hparams(model_dir, config)
     vocab = _vocab(model_dir, config, hp.n_vocab)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from corpusfactory.chatformat import ChatFormat
+from corpusfactory.errors import InputFileError
 from corpusfactory.models.demo import DemoModels
 from training.evaluation.evalita import (
     TASKS,
+    EvalitaFileError,
     Example,
     build_prompt,
     evaluate_evalita,
@@ -108,15 +110,29 @@ def test_bad_files_are_rejected_with_line_numbers(
 ) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"bad\.csv:{where}: .*{message}"):
+    with pytest.raises(EvalitaFileError, match=rf"bad\.csv:{where}: .*{message}"):
         read_ironita2018(path)
+
+
+def test_a_file_in_another_layout_names_the_file_and_the_layout(tmp_path: Path) -> None:
+    # An AMI file given as the SENTIPOLC test set: the header check says what was expected.
+    path = tmp_path / "sentipolc_test.csv"
+    path.write_text((FIXTURES / "ami2020_test.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(InputFileError) as caught:
+        read_sentipolc2014(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:1: not a sentipolc2014 file")
+    assert "comma-separated" in message and "'idtwitter'" in message and "'oneg'" in message
+    assert "\n" not in message
+    with pytest.raises(EvalitaFileError, match="cannot open the ami2020 file"):
+        read_ami2020(tmp_path / "missing.tsv")
 
 
 def test_sentipolc_bad_polarity_value(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     header = '"idtwitter","subj","opos","oneg","iro","lpos","lneg","top","text"\n'
     path.write_text(header + '"1","1","1","x","0","0","0","0","testo"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.csv:2: oneg must be 0 or 1, got 'x'"):
+    with pytest.raises(EvalitaFileError, match=r"bad\.csv:2: oneg must be 0 or 1, got 'x'"):
         read_sentipolc2014(path)
 
 

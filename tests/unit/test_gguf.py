@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from corpusfactory.chatformat import ChatFormat, Message
-from corpusfactory.errors import ModelError
+from corpusfactory.errors import ConversionError, ModelError
 from corpusfactory.models.demo import DemoModels
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import GateBudget, ServingSettings
@@ -502,7 +502,7 @@ def test_gate_needs_a_usable_text(builds: dict[str, Any], hf_generator: tuple[An
 
 def test_converter_refuses_a_bert_model(demo_models: DemoModels, tmp_path: Path) -> None:
     out = tmp_path / "bert.gguf"
-    with pytest.raises(ValueError, match=r"unsupported architecture BertForMaskedLM.*Llama"):
+    with pytest.raises(ConversionError, match=r"unsupported architecture BertForMaskedLM.*Llama"):
         convert_hf_to_gguf(demo_models.scorer, out)
     assert list(tmp_path.iterdir()) == []
 
@@ -563,7 +563,7 @@ def test_converter_refusals(
     demo_models: DemoModels, tmp_path: Path, file: str, edit: Any, message: str
 ) -> None:
     model_dir = _edited_copy(demo_models.generator, tmp_path / "model", file, edit)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConversionError, match=message):
         convert_hf_to_gguf(model_dir, tmp_path / "out" / "x.gguf")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -574,10 +574,10 @@ def test_converter_refuses_missing_pieces(demo_models: DemoModels, tmp_path: Pat
     with pytest.raises(ValueError, match="unknown out_type 'q4'"):
         convert_hf_to_gguf(model_dir, tmp_path / "x.gguf", out_type="q4")
     (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="only PyTorch pickles found"):
+    with pytest.raises(ConversionError, match="only PyTorch pickles found"):
         convert_hf_to_gguf(model_dir, tmp_path / "x.gguf")
     (model_dir / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match=r"no tokenizer\.json"):
+    with pytest.raises(ConversionError, match=r"no tokenizer\.json"):
         convert_hf_to_gguf(model_dir, tmp_path / "x.gguf")
 
 
@@ -587,7 +587,7 @@ def test_failed_conversion_keeps_the_previous_file(demo_models: DemoModels, tmp_
     model_dir = _edited_copy(
         demo_models.generator, tmp_path / "model", "config.json", lambda c: c.update(hidden_size=64)
     )
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ConversionError, match="shape"):
         convert_hf_to_gguf(model_dir, out)
     assert out.read_bytes() == b"previous build"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]

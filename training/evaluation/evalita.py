@@ -20,8 +20,9 @@ The user supplies the official train and test files; each task reads one layout.
 
 All readers use the ``csv`` module, so a quoted field may hold the delimiter, doubled quotes
 and newlines; a leading BOM is ignored and blank lines are skipped. A wrong header, a wrong
-number of fields, a label value other than 0/1 or an empty id or text raises ``ValueError``
-naming the file and the line where the record starts (``path:line: message``).
+number of fields, a label value other than 0/1 or an empty id or text raises
+``EvalitaFileError`` (an ``InputFileError``) naming the file and the line where the record
+starts (``path:line: message``); a wrong header also names the layout the task reads.
 
 Method (rank classification). The same k shots (default 5) serve every test item: drawn from
 the train file with ``seed``, balanced across labels as far as the file allows, in a seeded
@@ -54,10 +55,15 @@ from pathlib import Path
 from typing import Any
 
 from corpusfactory.chatformat import ChatFormat, Message
+from corpusfactory.errors import InputFileError
 from training.evaluation.lm import CausalLM
 from training.evaluation.metrics import classification_scores
 
 log = logging.getLogger(__name__)
+
+
+class EvalitaFileError(InputFileError):
+    """A task file that is not in the layout its task reads, or holds a bad record."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,21 @@ class TaskSpec:
 # -- readers -----------------------------------------------------------------------------------
 
 
+def _layout(delimiter: str, header: Sequence[str]) -> str:
+    """The layout a reader accepts, in words, for messages."""
+    names = {"\t": "tab", ",": "comma", ";": "semicolon"}
+    return f"UTF-8, {names.get(delimiter, repr(delimiter))}-separated, header {list(header)}"
+
+
 def _records(
-    path: Path, delimiter: str, header: Sequence[str]
+    path: Path, delimiter: str, header: Sequence[str], task: str
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """Yield ``("path:line", {column: value})`` for each record after a checked header."""
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    try:
+        fh = path.open(encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise EvalitaFileError(f"{path}: cannot open the {task} file: {exc.strerror}") from exc
+    with fh:
         reader = csv.reader(fh, delimiter=delimiter)
         end = 0  # last physical line of the previous record; a record starts on the next one
         seen_header = False
@@ -96,29 +112,38 @@ def _records(
                 if not seen_header:
                     got = [h.strip() for h in row]
                     if got != list(header):
-                        raise ValueError(f"{where}: expected header {list(header)}, got {got}")
+                        raise EvalitaFileError(
+                            f"{where}: not a {task} file: expected header {list(header)}, "
+                            f"got {got} ({task} reads {_layout(delimiter, header)})"
+                        )
                     seen_header = True
                     continue
                 if len(row) != len(header):
-                    raise ValueError(f"{where}: expected {len(header)} fields, got {len(row)}")
+                    raise EvalitaFileError(
+                        f"{where}: expected {len(header)} fields, got {len(row)}"
+                    )
                 yield where, dict(zip(header, row, strict=True))
         except csv.Error as exc:
-            raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from exc
+            raise EvalitaFileError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvalitaFileError(f"{path}: cannot read the {task} file (UTF-8): {exc}") from exc
         if not seen_header:
-            raise ValueError(f"{path}:1: empty file, expected header {list(header)}")
+            raise EvalitaFileError(
+                f"{path}:1: empty file ({task} reads {_layout(delimiter, header)})"
+            )
 
 
 def _field(where: str, rec: dict[str, str], column: str) -> str:
     value = rec[column].strip()
     if not value:
-        raise ValueError(f"{where}: empty {column}")
+        raise EvalitaFileError(f"{where}: empty {column}")
     return value
 
 
 def _binary(where: str, rec: dict[str, str], column: str) -> int:
     value = rec[column].strip()
     if value not in ("0", "1"):
-        raise ValueError(f"{where}: {column} must be 0 or 1, got {value!r}")
+        raise EvalitaFileError(f"{where}: {column} must be 0 or 1, got {value!r}")
     return int(value)
 
 
@@ -130,7 +155,7 @@ _POLARITY = {(1, 0): "positive", (0, 1): "negative", (0, 0): "neutral", (1, 1): 
 
 def read_ami2020(path: str | Path) -> list[Example]:
     out = []
-    for where, rec in _records(Path(path), "\t", _AMI_HEADER):
+    for where, rec in _records(Path(path), "\t", _AMI_HEADER, "ami2020"):
         label = ("non_misogynous", "misogynous")[_binary(where, rec, "misogynous")]
         out.append(Example(_field(where, rec, "id"), _field(where, rec, "text"), label))
     return out
@@ -138,7 +163,7 @@ def read_ami2020(path: str | Path) -> list[Example]:
 
 def read_ironita2018(path: str | Path) -> list[Example]:
     out = []
-    for where, rec in _records(Path(path), ";", _IRONITA_HEADER):
+    for where, rec in _records(Path(path), ";", _IRONITA_HEADER, "ironita2018"):
         label = ("non_ironic", "ironic")[_binary(where, rec, "irony")]
         out.append(Example(_field(where, rec, "id"), _field(where, rec, "text"), label))
     return out
@@ -146,7 +171,7 @@ def read_ironita2018(path: str | Path) -> list[Example]:
 
 def read_sentipolc2014(path: str | Path) -> list[Example]:
     out = []
-    for where, rec in _records(Path(path), ",", _SENTIPOLC_HEADER):
+    for where, rec in _records(Path(path), ",", _SENTIPOLC_HEADER, "sentipolc2014"):
         label = _POLARITY[(_binary(where, rec, "opos"), _binary(where, rec, "oneg"))]
         out.append(Example(_field(where, rec, "idtwitter"), _field(where, rec, "text"), label))
     return out
@@ -260,7 +285,7 @@ def evaluate_evalita(
     train = spec.reader(Path(train_path))
     test = spec.reader(Path(test_path))
     if not test:
-        raise ValueError(f"{test_path}: no test items")
+        raise EvalitaFileError(f"{test_path}: no test items")
     if limit is not None and limit < len(test):
         keep = sorted(random.Random(seed).sample(range(len(test)), limit))
         test = [test[i] for i in keep]

@@ -15,20 +15,25 @@ Tasks (``evaluation.tasks``):
 
 Every task writes ``<eval_dir>/<task>.json`` (atomically, after its per-item predictions
 file), so every number can be recomputed, and an evaluation interrupted half-way resumes
-at the first task without a result.
+at the first task without a result. With ``on_error`` a task that fails is handed to it
+and the next task runs; the evaluator service records such a task in
+``<eval_dir>/<task>.failure`` (``corpusfactory.failures``) and skips it from then on, until
+it is asked for by name (``eval run``), which clears the record once the task succeeds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from corpusfactory.chatformat import ChatFormat, Message
+from corpusfactory.errors import UsageError, is_transient
+from corpusfactory.failures import FailureRecords
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
@@ -39,6 +44,10 @@ from training.snapshots import BASE_ID, HELDOUT, SnapshotStore, write_json_atomi
 log = logging.getLogger(__name__)
 
 TASKS = ("squad_it", "ami2020", "ironita2018", "sentipolc2014", "heldout", "generation_nll")
+EVALITA_TASKS = ("ami2020", "ironita2018", "sentipolc2014")
+
+# Called with (task, error) when a task fails and the evaluation should go on.
+OnError = Callable[[str, Exception], None]
 
 
 def _jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -70,29 +79,84 @@ class Evaluator:
             return resolve_model(self.s.training.base_model, self.s.models.models_dir)
         return str(self.store.get(model_id).path)
 
-    def pending_tasks(self, model_id: str, tasks: Sequence[str] | None = None) -> list[str]:
+    def failures(self, model_id: str) -> FailureRecords:
+        """The tasks of ``model_id`` recorded as failed (next to its results)."""
+        if model_id == BASE_ID:
+            return FailureRecords(self.store.eval_dir(BASE_ID, self.s.training.base_model))
+        # Not eval_dir(): that needs the snapshot to exist, and reading must not.
+        return FailureRecords(self.store.root / model_id / "eval")
+
+    def pending_tasks(
+        self, model_id: str, tasks: Sequence[str] | None = None, skip_failed: bool = False
+    ) -> list[str]:
+        """Tasks without a result; ``skip_failed``: without a failure record either."""
         done = self.store.evaluations(model_id, self.s.training.base_model)
+        if skip_failed:
+            done = {**done, **self.failures(model_id).all()}
         wanted = [
             t for t in (tasks or self.e.tasks) if not (model_id == BASE_ID and t == "heldout")
         ]
         return [t for t in wanted if t not in done]
 
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        """UsageError unless every task is known and has its inputs configured."""
+        problems = []
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            problems.append(f"unknown evaluation tasks {unknown} (known: {', '.join(TASKS)})")
+        if "squad_it" in tasks and not self.e.squad_it_path:
+            problems.append("task squad_it needs evaluation.squad_it_path")
+        missing = [t for t in EVALITA_TASKS if t in tasks and t not in self.e.evalita]
+        if missing:
+            problems.append(f"tasks {missing} need evaluation.evalita.<task>.train/test files")
+        if problems:
+            raise UsageError("; ".join(problems))
+
     def evaluate(
-        self, model_id: str, tasks: Sequence[str] | None = None, force: bool = False
+        self,
+        model_id: str,
+        tasks: Sequence[str] | None = None,
+        force: bool = False,
+        *,
+        on_error: OnError | None = None,
+        skip_failed: bool = False,
     ) -> Iterator[tuple[str, dict[str, Any], Path]]:
-        """Run each task not yet done (all with ``force``); yield (task, results, file)."""
-        todo = list(tasks or self.e.tasks) if force else self.pending_tasks(model_id, tasks)
+        """Run each task not yet done (all with ``force``); yield (task, results, file).
+
+        A task that fails raises, or with ``on_error`` is passed to it (the model failing
+        to load: every task) and the next one runs; transient errors always raise.
+        ``skip_failed`` leaves out tasks with a failure record. A task that succeeds
+        clears its failure record."""
+        self.check_tasks(list(tasks or self.e.tasks))
+        if force:
+            todo = list(tasks or self.e.tasks)
+        else:
+            todo = self.pending_tasks(model_id, tasks, skip_failed=skip_failed)
         if model_id == BASE_ID:
             todo = [t for t in todo if t != "heldout"]  # base figures ride on each snapshot
         if not todo:
             return
         out_dir = self.store.eval_dir(model_id, self.s.training.base_model)
+        failures = FailureRecords(out_dir)
         path = self.model_path(model_id)
-        lm = CausalLM.load(path, device=self.e.device, batch_size=self.e.batch_size)
+        try:
+            lm = CausalLM.load(path, device=self.e.device, batch_size=self.e.batch_size)
+        except Exception as exc:
+            if on_error is None or is_transient(exc):
+                raise
+            for task in todo:
+                on_error(task, exc)
+            return
         for task in todo:
             started = time.perf_counter()
             log.info("evaluating %s on %s", model_id, task)
-            results = self._run(task, model_id, lm, out_dir)
+            try:
+                results = self._run(task, model_id, lm, out_dir)
+            except Exception as exc:
+                if on_error is None or is_transient(exc):
+                    raise
+                on_error(task, exc)
+                continue
             results.update(
                 task=task,
                 model_id=model_id,
@@ -102,6 +166,7 @@ class Evaluator:
             )
             target = out_dir / f"{task}.json"
             write_json_atomic(target, results)
+            failures.clear(task)
             yield task, results, target
 
     # -- tasks ------------------------------------------------------------------------------
@@ -141,7 +206,7 @@ class Evaluator:
             return self._heldout(model_id, lm, out_dir)
         if task == "generation_nll":
             return self._generation_nll(lm, out_dir)
-        raise ValueError(f"unknown evaluation task {task!r} (known: {', '.join(TASKS)})")
+        raise UsageError(f"unknown evaluation task {task!r} (known: {', '.join(TASKS)})")
 
     def _heldout(self, model_id: str, lm: CausalLM, out_dir: Path) -> dict[str, Any]:
         snap = self.store.get(model_id)

@@ -7,12 +7,20 @@ missed), then follows ``models.snapshots``. Each task's result is stored with th
 snapshot (``eval/<task>.json``) and announced on ``models.evaluations`` (key: the model
 id); the announcement offset is committed once all of a snapshot's tasks are done, and
 finished tasks are never redone, so a crash costs at most the task in progress.
+
+A task that fails (a task file in an unknown layout, a model that cannot be loaded) does
+not stop the service: it is recorded in ``eval/<task>.failure`` beside the results
+(``corpusfactory.failures``), counted in ``corpusfactory_evaluation_failures_total{task}``,
+logged in one line, and the next task runs. A restart skips recorded tasks, so a bad
+input cannot make the service fail in a loop; ``corpusfactory eval run --model ID`` (or
+deleting the record) tries them again. Transient errors (an engine down) still raise.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -27,6 +35,7 @@ from corpusfactory.contract import (
     encode,
 )
 from corpusfactory.errors import ContractError
+from corpusfactory.failures import error_line
 from corpusfactory.kafka_clients import kafka_python_kwargs
 from corpusfactory.metrics import EvaluatorMetrics
 from corpusfactory.settings import Settings
@@ -44,6 +53,8 @@ class EvaluatorService:
         self.bootstrap = bootstrap
         self.evaluator = Evaluator(settings)
         self.metrics = metrics or EvaluatorMetrics()
+        for task in settings.evaluation.tasks:  # exported at 0 from the start
+            self.metrics.failures.labels(task)
         self.topic = settings.topic(SNAPSHOTS)
         self.group_id = f"{settings.kafka.topic_prefix}{settings.evaluation.group_id}"
         self._producer: KafkaProducer | None = None
@@ -85,11 +96,12 @@ class EvaluatorService:
     def catch_up(self) -> list[str]:
         """Evaluate the base model and every complete snapshot still missing a result."""
         done = []
-        if self.s.evaluation.evaluate_base and self.evaluator.pending_tasks(BASE_ID):
+        pending = partial(self.evaluator.pending_tasks, skip_failed=True)
+        if self.s.evaluation.evaluate_base and pending(BASE_ID):
             self.evaluate(BASE_ID)
             done.append(BASE_ID)
         for snap in self.evaluator.store.all():
-            if self.evaluator.pending_tasks(snap.id):
+            if pending(snap.id):
                 self.evaluate(snap.id)
                 done.append(snap.id)
         return done
@@ -97,7 +109,10 @@ class EvaluatorService:
     def evaluate(self, model_id: str) -> dict[str, Any]:
         assert self._producer is not None, "start() first"
         out: dict[str, Any] = {}
-        for task, results, path in self.evaluator.evaluate(model_id):
+        tasks = self.evaluator.evaluate(
+            model_id, on_error=partial(self._failed, model_id), skip_failed=True
+        )
+        for task, results, path in tasks:
             record = EvaluationPublished(
                 schema_version=SCHEMA_VERSION,
                 model_id=model_id,
@@ -112,8 +127,20 @@ class EvaluatorService:
             out[task] = results
             log.info("%s %s: %s", model_id, task, _headline(results))
         self._producer.flush(timeout=30)
-        self.metrics.observe(model_id, out)
+        if out:
+            self.metrics.observe(model_id, out)
         return out
+
+    def _failed(self, model_id: str, task: str, exc: Exception) -> None:
+        """Record a failed task, count it, say so in one line; the evaluation goes on."""
+        failures = self.evaluator.failures(model_id)
+        failures.record(task, task, exc, model_id=model_id)
+        self.metrics.failures.labels(task).inc()
+        log.error(
+            "%s %s failed, skipped from now on (%s; `corpusfactory eval run --model %s "
+            "--tasks %s` tries again): %s",
+            model_id, task, failures.path(task), model_id, task, error_line(exc),
+        )  # fmt: skip
 
     def run(self, stop: threading.Event | None = None, once: bool = False) -> int:
         """Catch up, then follow announcements; ``once``: stop at the current end."""
@@ -136,12 +163,12 @@ class EvaluatorService:
             log.error("%s@%s: %s", self.topic, offset, exc)
             return 0
         try:
-            if not self.evaluator.pending_tasks(ann.snapshot_id):
+            if not self.evaluator.pending_tasks(ann.snapshot_id, skip_failed=True):
                 return 0
+            self.evaluate(ann.snapshot_id)
         except SnapshotError as exc:  # announced but gone (deleted by hand): say so, go on
             log.error("snapshot %s announced but not found: %s", ann.snapshot_id, exc)
             return 0
-        self.evaluate(ann.snapshot_id)
         return 1
 
 
