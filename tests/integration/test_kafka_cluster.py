@@ -228,12 +228,17 @@ def test_partition_leader_killed_under_load(tmp_path, cluster, built_models, emb
     scorer = WorkerProcess(s, "scorer").start()
     prod = ProducerProcess(s, conversations=4)
     probe = _Probe(s, bootstrap, partition=0, every=0.5)
+    began = time.monotonic()
+    phases: dict[str, float] = {}
     try:
         admitter.wait_ready()
         scorer.wait_ready()
+        phases["workers ready"] = time.monotonic() - began
         prod.start()
-        probe.start()
         wait_for(lambda: _self_chat_decisions(bootstrap, s) >= 5, 180, "first decisions")
+        probe.start()
+        wait_for(lambda: len(probe.acked) >= 2, 60, "the probe writing")
+        phases["under load"] = time.monotonic() - began
 
         # Crash the broker leading turns.candidates[0] while both producers write.
         victim = wait_for(
@@ -244,29 +249,32 @@ def test_partition_leader_killed_under_load(tmp_path, cluster, built_models, emb
         assert pid is not None
         watchdogs.release(pid)
 
-        # The controller hands the partition to a surviving replica, and writes to it
-        # and decisions go on while the victim is down.
+        # The controller hands the partition to a surviving replica; writes to it and
+        # decisions go on while the victim is down.
         new_leader = wait_for(
             lambda: _leader_other_than(bootstrap, cand_topic, 0, victim),
             120,
             "a new leader of turns.candidates[0]",
         )
         elected_at = time.monotonic()
-        failover_s = elected_at - killed_at
+        phases["failover"] = elected_at - killed_at
         wait_for(
             lambda: len(_decided_probes(bootstrap, s, probe.acked_since(elected_at))) >= 3,
             180,
             "decisions on probe candidates written to the new leader",
         )
-        down_s = time.monotonic() - killed_at
-
-        # The victim comes back with its data, catches up and rejoins every ISR.
-        cluster_handle.node(victim).start(timeout=120)
-        watchdogs.watch(cluster_handle)
         probe.finish()
         assert not probe.is_alive(), "the probe producer did not finish"
         assert probe.error is None, f"the probe producer failed: {probe.error!r}"
+
+        # The victim comes back with its data, catches up and rejoins every ISR.
+        phases["node down"] = time.monotonic() - killed_at
+        restart_at = time.monotonic()
+        cluster_handle.node(victim).start(timeout=120)
+        watchdogs.watch(cluster_handle)
+        phases["node restart"] = time.monotonic() - restart_at
         assert prod.wait(timeout=600) == 0, prod.log_text()[-3000:]
+        phases["producer done"] = time.monotonic() - began
         wait_for(lambda: _all_in_sync(bootstrap, topics), 120, "every partition back to 3 in sync")
         # Every candidate in the topic is decided before the workers stop.
         wait_for(
@@ -274,13 +282,15 @@ def test_partition_leader_killed_under_load(tmp_path, cluster, built_models, emb
             180,
             "a decision for every candidate",
         )
+        phases["all decided"] = time.monotonic() - began
     finally:
         probe.finish()
         stop_all([prod, scorer, admitter])
     print(
-        f"\nleader {victim} of {cand_topic}[0] killed; leader {new_leader} after "
-        f"{failover_s:.1f}s; node down {down_s:.1f}s; probe candidates acked "
-        f"{len(probe.acked)} ({len(probe.acked_since(elected_at))} by the new leader)"
+        f"\nleader {victim} of {cand_topic}[0] killed, leader {new_leader} after it; "
+        f"probe candidates acked: {len(probe.acked)}, "
+        f"{len(probe.acked_since(elected_at))} by the new leader; "
+        + ", ".join(f"{name} {secs:.1f}s" for name, secs in phases.items())
     )
 
     # No acknowledged write was lost in the failover: every probe candidate Kafka
