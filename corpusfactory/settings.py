@@ -28,6 +28,10 @@ ENV_PREFIX = "CORPUSFACTORY_"
 NON_SETTINGS_ENV = {"CONFIG", "CACHE", "LOG", "BROKER_JVM_OPTS", "PAUSE_AT", "PAUSE_DIR"}
 
 
+# Data shipped inside the package (see its README for source and licence).
+SQUAD_IT_SHIPPED = Path(__file__).resolve().parent / "data" / "squad-it" / "SQuAD_it-test.json.gz"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -347,7 +351,11 @@ class EvaluationSettings(_Section):
     tasks: list[
         Literal["squad_it", "ami2020", "ironita2018", "sentipolc2014", "heldout", "generation_nll"]
     ] = ["heldout", "generation_nll"]
-    squad_it_path: str | None = Field(None, description="SQuAD-it test JSON (.json or .json.gz).")
+    squad_it_path: str | None = Field(
+        None,
+        description="SQuAD-it test JSON (.json or .json.gz); unset: the copy shipped with "
+        "corpusfactory (data/squad-it, CC BY-SA 4.0).",
+    )
     squad_it_shots: int = Field(3, ge=0)
     squad_it_limit: int | None = Field(None, ge=1, description="Seeded subset size; None = all.")
     squad_it_max_new_tokens: int = Field(32, ge=1)
@@ -366,6 +374,14 @@ class EvaluationSettings(_Section):
     device: str = "cpu"
     evaluate_base: bool = Field(True, description="Evaluate the base model once, to compare.")
     group_id: str = "evaluator"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped_squad_it(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("squad_it_path"):
+            if "squad_it" in (data.get("tasks") or ()):
+                data = {**data, "squad_it_path": str(SQUAD_IT_SHIPPED)}
+        return data
 
     @model_validator(mode="after")
     def _inputs(self) -> EvaluationSettings:
@@ -668,6 +684,48 @@ def load_settings(
         # Last resort: a secret quoted by a validator's own message is masked as well.
         secrets = secret_values_in(data)
         raise ConfigError([redact_text(p, secrets) for p in problems]) from None
+    problems += missing_files(settings)
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def missing_files(settings: Settings) -> list[str]:
+    """Every input file the settings name that is not there, with what to do.
+
+    Checked when the settings load, so a profile that names a missing file fails
+    at once with one clear line per file, before any broker or worker starts.
+    """
+    e = settings.evaluation
+    checks: list[tuple[str, str | None, str]] = [
+        (
+            "producer.seed_file",
+            settings.producer.seed_file,
+            "give a JSONL or OASST seed file, or leave it unset for the built-in Italian seeds",
+        ),
+    ]
+    if "squad_it" in e.tasks:
+        checks.append(
+            (
+                "evaluation.squad_it_path",
+                e.squad_it_path,
+                "give the SQuAD-it test JSON (.json or .json.gz), leave it unset for the copy "
+                "shipped with corpusfactory, or drop squad_it from evaluation.tasks",
+            )
+        )
+    for task, files in sorted(e.evalita.items()):
+        if task in e.tasks:
+            for part in ("train", "test"):
+                checks.append(
+                    (
+                        f"evaluation.evalita.{task}.{part}",
+                        getattr(files, part),
+                        f"give the {task} {part} file in its official format, or drop {task} "
+                        "from evaluation.tasks",
+                    )
+                )
+    return [
+        f"{name}: no file at {path} ({todo})"
+        for name, path, todo in checks
+        if path and not Path(path).expanduser().is_file()
+    ]

@@ -116,7 +116,6 @@ def test_evaluation_settings_report_every_problem_at_once() -> None:
             },
         )
     text = str(err.value)
-    assert "squad_it needs squad_it_path" in text
     assert "['ami2020'] need evalita" in text
     assert "unknown evalita tasks ['x']" in text
 

@@ -10,8 +10,15 @@ from typing import Any
 import pytest
 
 from corpusfactory.errors import ConfigError
-from corpusfactory.settings import EvaluationSettings, TrainingSettings, load_settings
+from corpusfactory.settings import (
+    SQUAD_IT_SHIPPED,
+    EvaluationSettings,
+    TrainingSettings,
+    load_settings,
+)
 from training import dsconfig
+
+EVALITA_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evalita"
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -205,16 +212,32 @@ def _eval_problems(evaluation: dict[str, Any]) -> list[str]:
     return err.value.problems
 
 
-def test_squad_it_needs_a_path() -> None:
-    problems = _eval_problems({"tasks": ["squad_it", "heldout"]})
-    assert len(problems) == 1 and "squad_it needs squad_it_path" in problems[0]
-    assert problems[0].startswith("evaluation")
+def test_squad_it_defaults_to_the_shipped_copy_and_a_named_file_must_exist(
+    tmp_path: Path,
+) -> None:
+    s = load_settings(None, environ={}, overrides={"evaluation": {"tasks": ["squad_it"]}})
+    assert s.evaluation.squad_it_path == str(SQUAD_IT_SHIPPED)
+    assert SQUAD_IT_SHIPPED.is_file()
+    assert (SQUAD_IT_SHIPPED.parent / "README.md").read_text().count("CC BY-SA 4.0") >= 1
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            None,
+            environ={},
+            overrides={"evaluation": {"tasks": ["squad_it"], "squad_it_path": "x.json"}},
+        )
+    assert err.value.problems == [
+        "evaluation.squad_it_path: no file at x.json (give the SQuAD-it test JSON (.json or "
+        ".json.gz), leave it unset for the copy shipped with corpusfactory, or drop squad_it "
+        "from evaluation.tasks)"
+    ]
+    mine = tmp_path / "squad.json"
+    mine.write_text("{}")
     s = load_settings(
         None,
         environ={},
-        overrides={"evaluation": {"tasks": ["squad_it"], "squad_it_path": "x.json"}},
+        overrides={"evaluation": {"tasks": ["squad_it"], "squad_it_path": str(mine)}},
     )
-    assert s.evaluation.squad_it_path == "x.json"
+    assert s.evaluation.squad_it_path == str(mine)
 
 
 def test_evalita_task_needs_its_files() -> None:
@@ -229,17 +252,25 @@ def test_evalita_task_needs_its_files() -> None:
         }
     )
     assert "tasks ['ironita2018'] need evalita" in problems[0]
+    files = {"train": "a.csv", "test": str(EVALITA_FIXTURES / "sentipolc2014_test.csv")}
+    with pytest.raises(ConfigError) as err:  # every file named is checked at load time
+        load_settings(
+            None,
+            environ={},
+            overrides={
+                "evaluation": {"tasks": ["sentipolc2014"], "evalita": {"sentipolc2014": files}}
+            },
+        )
+    assert [p.split(" (")[0] for p in err.value.problems] == [
+        "evaluation.evalita.sentipolc2014.train: no file at a.csv"
+    ]
+    files["train"] = str(EVALITA_FIXTURES / "sentipolc2014_train.csv")
     ok = load_settings(
         None,
         environ={},
-        overrides={
-            "evaluation": {
-                "tasks": ["sentipolc2014"],
-                "evalita": {"sentipolc2014": {"train": "a.csv", "test": "b.csv"}},
-            }
-        },
+        overrides={"evaluation": {"tasks": ["sentipolc2014"], "evalita": {"sentipolc2014": files}}},
     )
-    assert ok.evaluation.evalita["sentipolc2014"].test == "b.csv"
+    assert ok.evaluation.evalita["sentipolc2014"].test == files["test"]
 
 
 def test_unknown_evalita_task_is_rejected() -> None:
@@ -256,6 +287,5 @@ def test_evalita_files_need_train_and_test() -> None:
 
 
 def test_evaluation_settings_directly() -> None:
-    with pytest.raises(ValueError, match="squad_it needs squad_it_path"):
-        EvaluationSettings(tasks=["squad_it"])
+    assert EvaluationSettings(tasks=["squad_it"]).squad_it_path == str(SQUAD_IT_SHIPPED)
     assert EvaluationSettings().tasks == ["heldout", "generation_nll"]
