@@ -52,12 +52,18 @@ class _QuietRpcErrors(logging.Filter):
         msg = record.getMessage()
         if "Method not implemented" in msg or msg.startswith(("RPC error", "Unexpected error")):
             return False
-        if "\n" in msg:  # anything else from pymilvus: its first line only
-            record.msg, record.args, record.exc_info = msg.split("\n", 1)[0], None, None
+        # anything else from pymilvus: its first line, without the chained tracebacks
+        record.msg, record.args = msg.split("\n", 1)[0], None
+        record.exc_info = record.exc_text = record.stack_info = None
         return True
 
 
-for _name in ("pymilvus.decorators", "pymilvus.client.grpc_handler", "pymilvus.milvus_client"):
+for _name in (
+    "pymilvus.decorators",
+    "pymilvus.client.grpc_handler",
+    "pymilvus.client.connection_manager",
+    "pymilvus.milvus_client",
+):
     logging.getLogger(_name).addFilter(_QuietRpcErrors())
 
 REF_MAX = 512  # bytes of a reference (the contract keeps turn ids to 256)

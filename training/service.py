@@ -18,6 +18,24 @@ dropped (a producer may publish a conversation again after a crash).
 
 ``training.init``: ``continue`` trains the previous snapshot on the new conversations
 only; ``base`` trains the base model on every conversation from the topic's start.
+
+A window whose training fails (the DeepSpeed child exits non-zero: bad data, out of
+memory, a model it cannot load; or writing or publishing the snapshot fails) does not
+stop the service and is never trained again as it was. It is recorded in
+``<state>/training/failures/<sha256 of its training data>.failure``
+(``corpusfactory.failures``: ``reason`` is the step, ``fit``, ``save`` or ``publish``;
+the error with the end of the child's log; the offsets, the snapshot it follows and how
+many conversations), counted in ``corpusfactory_training_failures_total``, logged in one
+line. Its offsets are not committed and its conversations stay pending: the trigger then
+counts only conversations that arrive after the failed window (and the timer restarts
+at the failure), so the next attempt trains the failed window's conversations together
+with the new ones, and a window that fails again is recorded under its own hash. No
+conversation is dropped, and a restart reads the records, so it neither retrains the
+failed window nor fires early. A snapshot that succeeds clears the records of the
+windows it covered. ``train --once`` records a failure too, then exits non-zero.
+Deleting a record (after fixing the cause) lets that window train at once. Transient
+errors (``errors.is_transient``) are never recorded: they raise, as every error after
+publication does (a restart resumes from the published manifest).
 """
 
 from __future__ import annotations
@@ -49,7 +67,8 @@ from corpusfactory.contract import (
     decode_accepted,
     encode,
 )
-from corpusfactory.errors import ContractError, CorpusFactoryError
+from corpusfactory.errors import ContractError, PermanentError, is_transient
+from corpusfactory.failures import FailureRecords, error_line
 from corpusfactory.kafka_clients import kafka_python_kwargs
 from corpusfactory.metrics import TrainerMetrics
 from corpusfactory.models.demo import resolve_model
@@ -69,8 +88,9 @@ from training.trigger import TriggerPolicy
 log = logging.getLogger(__name__)
 
 
-class TrainingError(CorpusFactoryError):
-    """A fine-tuning run failed; its job directory is kept for inspection."""
+class TrainingError(PermanentError):
+    """A fine-tuning run failed; its job directory is kept for inspection (until the
+    next run or restart)."""
 
 
 @dataclass
@@ -81,11 +101,14 @@ class Pending:
     positions: dict[int, int] = field(default_factory=dict)
     undecodable: int = 0
 
-    def trainable(self, t: Any) -> int:
+    def trainable(self, t: Any, after: dict[int, int] | None = None) -> int:
+        """Trainable conversations; with ``after``, only those at or past its offsets."""
+        after = after or {}
         return sum(
             1
             for c in self.conversations
-            if split(
+            if c.offset >= after.get(c.partition, 0)
+            and split(
                 c,
                 heldout_percent=t.heldout_percent,
                 sources=t.sources,
@@ -120,6 +143,11 @@ class Trainer:
         self._tps: list[TopicPartition] = []
         self.pending = Pending()
         self.last_snapshot_at = time.time()
+        self.failures = FailureRecords(settings.state_path / "training" / "failures")
+        # The ends of the last failed window that starts where pending starts: only
+        # conversations past them count for the trigger, from the time it failed.
+        self.failed_through: dict[int, int] = {}
+        self.last_failure_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -162,6 +190,7 @@ class Trainer:
                 )  # fmt: skip
         self._consumer = consumer
         self.pending = Pending(positions={tp.partition: consumer.position(tp) for tp in self._tps})
+        self._load_failures(latest)
         if latest is not None:
             # Commit what the manifest says, in case the last run died before committing.
             self._commit(self.pending.positions)
@@ -185,10 +214,8 @@ class Trainer:
         made = 0
         while not (stop is not None and stop.is_set()):
             self.poll(self.t.poll_timeout_s)
-            reason = self.policy.due(
-                self.pending.trainable(self.t), time.time() - self.last_snapshot_at
-            )
-            if reason is not None and self.snapshot(reason) is not None:
+            reason = self.policy.due(self.new_trainable(), time.time() - self._last_attempt_at())
+            if reason is not None and self.snapshot(reason, keep_going=True) is not None:
                 made += 1
                 if max_snapshots is not None and made >= max_snapshots:
                     break
@@ -200,10 +227,20 @@ class Trainer:
         ends = self._consumer.end_offsets(self._tps)
         while any(self.pending.positions[tp.partition] < ends[tp] for tp in self._tps):
             self.poll(1.0)
-        if self.pending.trainable(self.t) == 0:
-            log.info("nothing new to train on")
+        if self.new_trainable() == 0:
+            if self.failed_through:
+                log.info("nothing new to train on since the failed window (%s)", self.failures.root)
+            else:
+                log.info("nothing new to train on")
             return None
         return self.snapshot("once")
+
+    def new_trainable(self) -> int:
+        """Pending trainable conversations the trigger counts: those past a failed window."""
+        return self.pending.trainable(self.t, after=self.failed_through)
+
+    def _last_attempt_at(self) -> float:
+        return max(self.last_snapshot_at, self.last_failure_at)
 
     def poll(self, timeout_s: float) -> int:
         assert self._consumer is not None, "start() first"
@@ -229,7 +266,11 @@ class Trainer:
 
     # -- one snapshot ---------------------------------------------------------------------
 
-    def snapshot(self, reason: str) -> Snapshot | None:
+    def snapshot(self, reason: str, keep_going: bool = False) -> Snapshot | None:
+        """Train, publish and announce a snapshot of the pending window; None when there
+        is nothing to train on. A window that fails at ``fit``, ``save`` or ``publish``
+        is recorded, counted and logged (``_failed``), then raised, or with
+        ``keep_going`` (the service loop) answered with None."""
         latest = self.store.latest()
         parent = latest if self.t.init == "continue" else None
         window = self._window(latest)
@@ -244,64 +285,161 @@ class Trainer:
                 if c.conversation_id in {h.conversation_id for h in heldout}
             ]
             return None
+        key = data_hash(train)
+        if self.failures.failed(key):
+            log.info(
+                "trigger %s: this window of %d conversations failed before (%s); waiting "
+                "for new conversations", reason, len(train), self.failures.path(key),
+            )  # fmt: skip
+            self.failed_through = dict(self.pending.positions)
+            return None
         seq = (latest.seq if latest else 0) + 1
         snap_id = self.store.new_id(seq)
-        staging = self.store.staging(snap_id)
-        init_from = (
-            str(parent.path)
-            if parent
-            else resolve_model(self.s.training.base_model, self.s.models.models_dir)
-        )
         job_dir = self.jobs_dir / snap_id
-        started = time.time()
+        offsets = self._offsets(latest)
+        step, init_from = "fit", ""  # the step under way: a failure's reason
         try:
+            if self.jobs_dir.exists():  # only the last failed run's job is kept
+                shutil.rmtree(self.jobs_dir)
+            init_from = (
+                str(parent.path)
+                if parent
+                else resolve_model(self.s.training.base_model, self.s.models.models_dir)
+            )
+            staging = self.store.staging(snap_id)
+            started = time.time()
             stats = self._fit(job_dir, snap_id, init_from, staging, train)
-        except TrainingError:
-            self.metrics.failures.inc()
+            step = "save"
+            manifest = {
+                "id": snap_id,
+                "seq": seq,
+                "parent": parent.id if parent else "",
+                "base_model": self.t.base_model,
+                "init": self.t.init,
+                "init_from": init_from,
+                "created_at": time.time(),
+                "trigger": reason,
+                "topic": self.topic,
+                "offsets": offsets,
+                "conversations": len(train),
+                "conversations_by_source": dict(Counter(c.source for c in train)),
+                "heldout_conversations": len(heldout),
+                "skipped": dict(counts),
+                "data_hash": key,
+                "training": self.t.model_dump(mode="json"),
+                "deepspeed": self.ds_config,
+                "launcher": self._command(job_dir)[:-1],
+                "wall_seconds": round(time.time() - started, 3),
+                **{k: v for k, v in stats.items() if k not in ("loss_curve",)},
+                "loss_curve": stats.get("loss_curve", []),
+            }
+            (staging / CONVERSATIONS).write_text(
+                "".join(c.conversation_id + "\n" for c in train), encoding="utf-8"
+            )
+            write_jsonl(staging / HELDOUT, heldout)
+            (staging / STATS).unlink(missing_ok=True)  # its content is in the manifest
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            step = "publish"
+            snap = self.store.publish(snap_id)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self._failed(key, step, exc, snap_id, latest, init_from, job_dir, offsets, len(train))
+            if keep_going:
+                return None
             raise
-        manifest = {
-            "id": snap_id,
-            "seq": seq,
-            "parent": parent.id if parent else "",
-            "base_model": self.t.base_model,
-            "init": self.t.init,
-            "init_from": init_from,
-            "created_at": time.time(),
-            "trigger": reason,
-            "topic": self.topic,
-            "offsets": self._offsets(latest),
-            "conversations": len(train),
-            "conversations_by_source": dict(Counter(c.source for c in train)),
-            "heldout_conversations": len(heldout),
-            "skipped": dict(counts),
-            "data_hash": data_hash(train),
-            "training": self.t.model_dump(mode="json"),
-            "deepspeed": self.ds_config,
-            "launcher": self._command(job_dir)[:-1],
-            "wall_seconds": round(time.time() - started, 3),
-            **{k: v for k, v in stats.items() if k not in ("loss_curve",)},
-            "loss_curve": stats.get("loss_curve", []),
-        }
-        (staging / CONVERSATIONS).write_text(
-            "".join(c.conversation_id + "\n" for c in train), encoding="utf-8"
-        )
-        write_jsonl(staging / HELDOUT, heldout)
-        (staging / STATS).unlink(missing_ok=True)  # its content is in the manifest
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        snap = self.store.publish(snap_id)
+        self._published(snap, latest, job_dir)
+        return snap
+
+    def _published(self, snap: Snapshot, latest: Snapshot | None, job_dir: Path) -> None:
+        """Announce a published snapshot, commit its offsets, start a new window."""
         self._announce(snap)
         self._commit(self.pending.positions)
         shutil.rmtree(job_dir, ignore_errors=True)
         self.pending = Pending(positions=dict(self.pending.positions))
         self.last_snapshot_at = time.time()
+        resolved = self._failures_after(latest)
+        for item in resolved:  # their conversations are in this snapshot
+            self.failures.clear(item)
+        if resolved:
+            log.info("%s covers %d earlier failed window(s): records cleared", snap.id,
+                     len(resolved))  # fmt: skip
+        self.failed_through, self.last_failure_at = {}, 0.0
+        manifest = snap.manifest
         self.metrics.snapshots.inc()
         self.metrics.observe_snapshot(manifest)
         self.metrics.pending.set(0)
         log.info(
             "published %s: %d conversations, loss %s -> %s",
-            snap_id, len(train), stats.get("first_loss"), stats.get("final_loss"),
+            snap.id, manifest.get("conversations"), manifest.get("first_loss"),
+            manifest.get("final_loss"),
         )  # fmt: skip
-        return snap
+
+    # -- failed windows ---------------------------------------------------------------------
+
+    def _failed(
+        self,
+        key: str,
+        step: str,
+        exc: BaseException,
+        snap_id: str,
+        latest: Snapshot | None,
+        init_from: str,
+        job_dir: Path,
+        offsets: dict[str, dict[str, int]],
+        conversations: int,
+    ) -> None:
+        """Record a failed window, count it, say so in one line; nothing is committed and
+        its conversations stay pending, for the next window."""
+        removed = self.store.cleanup_partial()  # a staged or unmarked snapshot
+        if removed:
+            log.warning("removed the partial snapshot of the failed window: %s", removed)
+        ends = dict(self.pending.positions)
+        self.failures.record(
+            key,
+            step,
+            exc,
+            topic=self.topic,
+            after_snapshot=latest.id if latest else "",
+            ends={str(p): off for p, off in sorted(ends.items())},
+            offsets=offsets,
+            conversations=conversations,
+            snapshot=snap_id,
+            init_from=init_from,
+            job_dir=str(job_dir),
+        )
+        self.failed_through, self.last_failure_at = ends, time.time()
+        log.error(
+            "training window of %d conversations failed at %s (%s, job %s); its "
+            "conversations wait for the next window, with new ones: %s",
+            conversations, step, self.failures.path(key), job_dir, error_line(exc),
+        )  # fmt: skip
+        self.metrics.failures.inc()
+
+    def _failures_after(self, latest: Snapshot | None) -> dict[str, dict[str, Any]]:
+        """Records of failed windows of this topic that started after ``latest``."""
+        after = latest.id if latest else ""
+        return {
+            item: rec
+            for item, rec in self.failures.all().items()
+            if rec.get("topic") == self.topic
+            and rec.get("after_snapshot") == after
+            and isinstance(rec.get("ends"), dict)
+        }
+
+    def _load_failures(self, latest: Snapshot | None) -> None:
+        """After a restart: the failed windows that start where pending starts."""
+        self.failed_through, self.last_failure_at = {}, 0.0
+        for rec in self._failures_after(latest).values():
+            for p, end in rec["ends"].items():
+                part = int(p)
+                self.failed_through[part] = max(self.failed_through.get(part, 0), int(end))
+            self.last_failure_at = max(self.last_failure_at, float(rec.get("failed_at", 0.0)))
+        if self.failed_through:
+            log.warning(
+                "a training window failed before (%s): its conversations are trained with "
+                "the next new ones", self.failures.root,
+            )  # fmt: skip
 
     def _window(self, latest: Snapshot | None) -> list[TrainingConversation]:
         if self.t.init == "continue":

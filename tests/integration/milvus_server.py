@@ -57,8 +57,8 @@ def server_pid():
         return None
 pid = server_pid()
 if pid is not None:
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
+    os.kill(pid, signal.SIGTERM)  # Milvus 2.3.5 takes over a minute on it: SIGKILL
+    for _ in range(30):
         if server_pid() is None:
             break
         time.sleep(0.1)
