@@ -378,9 +378,9 @@ class EvaluationSettings(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shipped_squad_it(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("squad_it_path"):
-            if "squad_it" in (data.get("tasks") or ()):
-                data = {**data, "squad_it_path": str(SQUAD_IT_SHIPPED)}
+        wants = isinstance(data, dict) and "squad_it" in (data.get("tasks") or ())
+        if wants and not data.get("squad_it_path"):
+            data = {**data, "squad_it_path": str(SQUAD_IT_SHIPPED)}
         return data
 
     @model_validator(mode="after")

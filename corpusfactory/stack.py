@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +24,25 @@ from corpusfactory.settings import Settings
 
 
 def write_settings(settings: Settings, path: Path) -> Path:
-    """Settings as a YAML profile that reproduces them exactly."""
+    """Settings as a YAML profile that reproduces them exactly.
+
+    The profile holds every setting, passwords and API keys included, so it is only
+    ever readable by its owner (mode 0600): written to a temporary file created 0600
+    beside it, then renamed over it, so no other user can read it at any moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = settings.model_dump(mode="json")
     data["state_dir"] = str(settings.state_path)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(data, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp: created 0600
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

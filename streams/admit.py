@@ -44,7 +44,6 @@ from streams.decisions import Candidate, Nearest, decide_batch
 log = logging.getLogger(__name__)
 
 
-
 def seed_index(
     settings: Settings, index: VectorIndex | None = None, embedder: Any = None
 ) -> VectorIndex:

@@ -180,9 +180,7 @@ def run_worker(
     metrics.watch_lag(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
     with metrics_endpoint(settings, role, metrics, metrics_port):
         app = create_app(settings, role, bootstrap, metrics)
-        worker = BoundedShutdownWorker(
-            app, loglevel=loglevel, quiet=True, redirect_stdouts=False
-        )
+        worker = BoundedShutdownWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
         worker.shutdown_deadline_s = settings.worker.shutdown_timeout_s
         worker.execute_from_commandline()
 

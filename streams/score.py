@@ -209,9 +209,7 @@ async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> N
         return
     try:
         scored = await ctx.run_blocking(models.score, [c for _, c in valid], ctx.settings)
-        pairs: list[tuple[Any, ScoredTurn]] = list(
-            zip([e for e, _ in valid], scored, strict=True)
-        )
+        pairs: list[tuple[Any, ScoredTurn]] = list(zip([e for e, _ in valid], scored, strict=True))
     except Exception as exc:
         # One bad text must not sink its batch: score one by one, dead-letter the culprit.
         log.error("batch scoring failed (%s: %s); scoring turn by turn", type(exc).__name__, exc)

@@ -250,6 +250,7 @@ def test_partition_leader_killed_under_load(tmp_path, cluster, built_models, emb
         victim = wait_for(
             lambda: _leader_other_than(bootstrap, cand_topic, 0, -1), 60, "the leader"
         )
+        assert prod.alive, "the producer finished before the kill: nothing to fail over"
         killed_at = time.monotonic()
         pid = cluster_handle.kill(victim)
         assert pid is not None

@@ -95,7 +95,9 @@ def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack
         "oversized_text": (pill(turn_id=f"{conv}:txt", text="parola " * 4000), "event limit"),
         "deep_value": (nested, "nested deeper than"),
         "deep_field": (
-            pill(turn_id=f"{conv}:deep").replace(b'"Una frase di base."', b"[" * 5000 + b"]" * 5000),
+            pill(turn_id=f"{conv}:deep").replace(
+                b'"Una frase di base."', b"[" * 5000 + b"]" * 5000
+            ),
             "nested deeper than",
         ),
         "surrogate_turn_id": (pill(turn_id=f"{conv}:\ud800"), "lone surrogate"),

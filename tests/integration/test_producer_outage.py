@@ -41,9 +41,7 @@ class ScriptedServer(FakeRateLimitedServer):
         return {"id": "cmpl-1", "object": "text_completion", "choices": choices}
 
 
-def test_the_producer_waits_out_an_unavailable_generator(
-    tmp_path, kafka_bootstrap, caplog
-) -> None:
+def test_the_producer_waits_out_an_unavailable_generator(tmp_path, kafka_bootstrap, caplog) -> None:
     s = make_settings(
         tmp_path / "state",
         kafka_bootstrap,
@@ -75,8 +73,6 @@ def test_the_producer_waits_out_an_unavailable_generator(
     tries = [r.getMessage() for r in caplog.records if "generator unavailable" in r.getMessage()]
     assert len(tries) == 2 and "HTTP 503" in tries[0]
     assert all(r.exc_info is None for r in caplog.records)  # one line a try, no traceback
-    sent = [
-        json.loads(r.value) for r in read_topic(kafka_bootstrap, s.topic(contract.CANDIDATES))
-    ]
+    sent = [json.loads(r.value) for r in read_topic(kafka_bootstrap, s.topic(contract.CANDIDATES))]
     assert sent and all(c["text"] for c in sent)
     assert len(server.requests) >= 3  # the two failures, then the round that was sent

@@ -200,7 +200,7 @@ def test_candidate_prompt_round_trip_and_default() -> None:
     assert contract.decode_candidate(_raw(prompt=...), 1000).prompt == ""
     with pytest.raises(ContractError, match="field 'prompt' must be str"):
         contract.decode_candidate(_raw(prompt=3), 100)
-    with pytest.raises(ContractError, match="prompt.? has 101 characters, over the event limit"):
+    with pytest.raises(ContractError, match=r"prompt.? has 101 characters, over the event limit"):
         contract.decode_candidate(_raw(prompt="x" * 101), 100)
 
 

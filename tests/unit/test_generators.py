@@ -254,7 +254,9 @@ def test_openai_gives_up_after_the_cap_with_the_last_status_and_body() -> None:
     with FakeRateLimitedServer([(503, {}, "still overloaded")] * 10) as server:
         gen = _client(server, sleep=sleep, max_retries=2, base_delay_s=0.01)
         try:
-            with pytest.raises(GeneratorUnavailableError, match=r"3 attempt.*HTTP 503.*still overloaded"):
+            with pytest.raises(
+                GeneratorUnavailableError, match=r"3 attempt.*HTTP 503.*still overloaded"
+            ):
                 gen.generate(["x"], PARAMS, [])
         finally:
             gen.close()
