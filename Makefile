@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup venv jars models system demo test check format clean-state
+.PHONY: setup venv jars models system demo test test-fast check format clean-state
 
 setup: venv jars models system
 
@@ -121,8 +121,21 @@ demo: setup
 # first on the path (the working directory, and PYTHONPATH for the processes the
 # tests start, e.g. `python -m corpusfactory` workers), and the cached environment
 # holds no copy of the project, so the tests run this checkout's code.
+# Two tiers, the fast one first: tests/unit (plain functions, formats, small models:
+# a few minutes), then tests/integration (the real broker, Milvus, DeepSpeed, ...).
+# PYTEST_ARGS runs just what it names, in one go.
+PYTEST := PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)" -m pytest -q -p no:cacheprovider
+
 test: setup
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)" -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(PYTEST) tests/unit
+	$(PYTEST) tests/integration
+else
+	$(PYTEST) $(PYTEST_ARGS)
+endif
+
+test-fast: setup
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
 
 check: venv
 	"$(DEPS_BIN)/ruff" format --check .
