@@ -41,7 +41,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
 from corpusfactory.metrics import BuilderMetrics
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
@@ -195,7 +195,7 @@ class Builder:
     def _announce(self, build: Build) -> None:
         if self.bootstrap is None:
             return
-        producer = KafkaProducer(**kafka_python_kwargs(self.s.kafka, self.bootstrap), acks="all")
+        producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
         try:
             record = BuildPublished(
                 schema_version=SCHEMA_VERSION,

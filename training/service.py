@@ -69,7 +69,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError, PermanentError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
 from corpusfactory.metrics import TrainerMetrics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings, TrainingSettings
@@ -546,7 +546,7 @@ class Trainer:
     # -- Kafka out --------------------------------------------------------------------------
 
     def _announce(self, snap: Snapshot) -> None:
-        producer = KafkaProducer(**kafka_python_kwargs(self.s.kafka, self.bootstrap), acks="all")
+        producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
         try:
             record = SnapshotPublished(
                 schema_version=SCHEMA_VERSION,

@@ -36,7 +36,7 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError
 from corpusfactory.failures import error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
 from corpusfactory.metrics import EvaluatorMetrics
 from corpusfactory.settings import Settings
 from training.evaluation.runner import Evaluator
@@ -62,7 +62,7 @@ class EvaluatorService:
 
     def start(self) -> None:
         kw = kafka_python_kwargs(self.s.kafka, self.bootstrap)
-        self._producer = KafkaProducer(**kw, acks="all")
+        self._producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
         self._consumer = KafkaConsumer(
             **kw,
             group_id=self.group_id,
