@@ -115,8 +115,12 @@ def cmd_eval(args: argparse.Namespace, s: Settings) -> int:
     from training.evaluation.runner import Evaluator
 
     tasks = args.tasks.split(",") if args.tasks else None
+    evaluator = Evaluator(s)
+    # By hand, a task file in another layout is one clear line before any model loads
+    # (the evaluator service records such a task as failed and goes on instead).
+    evaluator.check_tasks(tasks or s.evaluation.tasks, read_files=True)
     results = {
-        task: res for task, res, _ in Evaluator(s).evaluate(args.model, tasks, force=args.force)
+        task: res for task, res, _ in evaluator.evaluate(args.model, tasks, force=args.force)
     }
     _print(results)
     return 0

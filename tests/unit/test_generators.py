@@ -288,7 +288,7 @@ def test_openai_retries_connection_errors() -> None:
         f"http://127.0.0.1:{port}/v1", "tiny", max_retries=3, sleep=sleep, base_delay_s=0.01
     )
     try:
-        with pytest.raises(GeneratorError, match="connection error"):
+        with pytest.raises(GeneratorUnavailableError, match="connection error"):
             gen.generate(["x"], PARAMS, [])
     finally:
         gen.close()

@@ -98,8 +98,10 @@ class Evaluator:
         ]
         return [t for t in wanted if t not in done]
 
-    def check_tasks(self, tasks: Sequence[str]) -> None:
-        """UsageError unless every task is known and has its inputs configured."""
+    def check_tasks(self, tasks: Sequence[str], read_files: bool = False) -> None:
+        """UsageError unless every task is known and has its inputs configured; with
+        ``read_files``, the EVALITA files are read too (EvalitaFileError for one in
+        another layout), before any model loads."""
         problems = []
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
@@ -111,6 +113,16 @@ class Evaluator:
             problems.append(f"tasks {missing} need evaluation.evalita.<task>.train/test files")
         if problems:
             raise UsageError("; ".join(problems))
+        if not read_files:
+            return
+        from training.evaluation import evalita
+
+        for task in tasks:
+            if task in EVALITA_TASKS:
+                files = self.e.evalita[task]
+                read = getattr(evalita, f"read_{task}")
+                for path in dict.fromkeys((files.train, files.test)):
+                    read(path)
 
     def evaluate(
         self,
