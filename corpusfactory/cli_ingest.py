@@ -1,13 +1,16 @@
 """The ``corpusfactory ingest`` command: refine an existing chat corpus, then admit it.
 
     corpusfactory ingest FILE --format fauno|baize|oasst|jsonl [--dry-run] [--json]
-                         [--language it] [--min-chars N] [--keep-non-target] [--in-flight N]
+                         [--language it] [--min-chars N] [--cut-non-target] [--in-flight N]
 
 The refinement (method.md §4, ``corpusfactory.ingest``) runs first and its report
-is printed. Without ``--dry-run`` the surviving conversations then go through the
-factory's scoring and admission turn by turn (``corpusfactory.ingest.publish``),
-and the accepted prefixes are published to ``corpus.accepted``; the publishing
-counts are printed under ``publish``. The scorer and admitter workers must be
+is printed. Messages in another language than ``--language`` are counted and kept,
+as the paper did; ``--cut-non-target`` cuts each conversation before its first
+exchange holding one (``--keep-non-target``, the default, is accepted too).
+Without ``--dry-run`` the surviving conversations then go through the factory's
+scoring and admission turn by turn (``corpusfactory.ingest.publish``), and the
+accepted prefixes are published to ``corpus.accepted``; the publishing counts are
+printed under ``publish``. The scorer and admitter workers must be
 running on the broker (``KAFKA_BOOTSTRAP_SERVERS``, or the embedded one, which
 must already be started: without workers nothing would ever be decided).
 
@@ -32,14 +35,12 @@ def cmd_ingest(args: argparse.Namespace, s: Settings) -> int:
 
     from corpusfactory.ingest import refine_file
 
-    options: dict[str, Any] = {
-        "language": args.language,
-        "min_chars": args.min_chars,
-        "drop_non_target": not args.keep_non_target,
-    }
+    language, min_chars, cut = args.language, args.min_chars, args.cut_non_target
     # The whole file is refined before anything is sent: a broken line fails the
     # run with nothing half-published.
-    conversations, report = refine_file(args.file, args.format, **options)
+    conversations, report = refine_file(
+        args.file, args.format, language=language, min_chars=min_chars, cut_non_target=cut
+    )
     out: dict[str, Any] = dict(report)
     if not args.dry_run:
         from corpusfactory.ingest.publish import IngestPublisher, run_identity
@@ -47,7 +48,9 @@ def cmd_ingest(args: argparse.Namespace, s: Settings) -> int:
 
         bootstrap = resolve_bootstrap(s, start_embedded=False)
         ensure_topics(s, bootstrap)
-        namespace, run_id = run_identity(args.file, args.format, **options)
+        namespace, run_id = run_identity(
+            args.file, args.format, language=language, min_chars=min_chars, drop_non_target=cut
+        )
         publisher = IngestPublisher(
             s, bootstrap, args.format, namespace, run_id, in_flight=args.in_flight
         )
@@ -91,11 +94,22 @@ def add_commands(
         default=20,
         help="shorter messages are not language-checked (default 20)",
     )
-    p.add_argument(
-        "--keep-non-target",
+    keep_or_cut = p.add_mutually_exclusive_group()
+    keep_or_cut.add_argument(
+        "--cut-non-target",
+        dest="cut_non_target",
         action="store_true",
-        help="count other-language messages but keep them (default: cut before them)",
+        default=False,
+        help="cut each conversation before its first exchange holding a message in another "
+        "language (default: count such messages and keep them, as the paper did)",
     )
+    keep_or_cut.add_argument(
+        "--keep-non-target",
+        dest="cut_non_target",
+        action="store_false",
+        help="count other-language messages and keep them (the default)",
+    )
+    p.set_defaults(cut_non_target=False)
     p.add_argument(
         "--in-flight",
         type=int,

@@ -89,13 +89,18 @@ class SelfChatProducer:
         self.bootstrap = bootstrap
         self.generator = generator
         self.fmt = ChatFormat(self.p.user_tag, self.p.assistant_tag)
-        self.rng = random.Random(self.p.rng_seed)
         self.stats = ProducerStats()
         self.metrics = metrics or ProducerMetrics()
         self.metrics.start(self.p.producer_id, generator.id)
         state_dir = settings.state_path / "producer"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = ConversationStore(state_dir / f"{self.p.producer_id}.sqlite")
+        # Seeded for reproducible runs, and by how many conversations the state already
+        # holds: a restarted producer must never draw the ids of its earlier
+        # conversations again (a turn id names one text; another text under the same
+        # id is a conflict the admitter dead-letters).
+        held = sum(v for k, v in self.store.counts().items() if k != "published")
+        self.rng = random.Random(f"{self.p.rng_seed}:{held}")
         self.seeds: list[SeedConversation] = load_seeds(self.p.seed_file, self.p.seed_format)
         self.seed_by_id = {s.id: s for s in self.seeds}
         self.active: dict[str, Conversation] = {}
@@ -138,8 +143,11 @@ class SelfChatProducer:
     def _new_conversation(self) -> Conversation:
         k = min(self.p.fewshot_k, len(self.seeds))
         examples = self.rng.sample(self.seeds, k) if k else []
+        conversation_id = ""
+        while not conversation_id or self.store.get(conversation_id) is not None:
+            conversation_id = f"{self.p.producer_id}-{uuid.UUID(int=self.rng.getrandbits(128)).hex}"
         conv = Conversation(
-            conversation_id=f"{self.p.producer_id}-{uuid.UUID(int=self.rng.getrandbits(128)).hex}",
+            conversation_id=conversation_id,
             source=SOURCE,
             target_length=draw_target_length(self.rng, self.p.min_messages, self.p.max_messages),
             seed_ids=[s.id for s in examples],

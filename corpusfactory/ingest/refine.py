@@ -4,7 +4,8 @@
 runs it on any stream of ``RawConversation``s. Each conversation goes through
 every step before the next one is read, in the paper's order; a drop ends its way
 and is counted under exactly one key, so that ``input_conversations`` equals
-``output_conversations`` plus the three ``dropped_*`` counts.
+``output_conversations`` plus the four ``dropped_*`` counts (``dropped_empty``,
+``dropped_bad_alternation``, ``dropped_duplicate_heavy``, ``dropped_non_target``).
 
 1. Tags (``fix_tags``, Fauno/Baize transcripts only). A tag-like token is an
    opening ``[|``, ``[`` or ``|``, a tag name (any case), a closing ``|]``, ``]``
@@ -35,13 +36,20 @@ and is counted under exactly one key, so that ``input_conversations`` equals
    of both counts of the later path.
 5. Language (``non_target_language_messages``): every message is judged:
    a declared language (OASST ``lang``, its primary subtag) decides; otherwise
-   Lingua does, except for texts shorter than ``min_chars`` (stripped), which
-   pass. The count does not depend on ``drop_non_target``. When it is set, the
-   conversation is cut before the exchange (user turn and its answer) holding
-   its first non-target message: later turns answer it and cannot stay without
-   it. The cut keeps alternation; a conversation cut to nothing is counted in
-   ``dropped_empty`` (step 2's rule, applied again). System prompts are not
-   judged: step 6 removes them whatever their language.
+   Lingua does, on the text without its code (``strip_code``: fenced blocks,
+   indented blocks, inline code spans), except when what is left is shorter
+   than ``min_chars`` (stripped): it passes. So a message that is only code is
+   never non-target, and an explanation around a code block is judged on its
+   prose. The messages found are counted and, by default, kept, as the paper
+   did: its English hits were mostly code and Italian sentences holding English
+   names. With ``cut_non_target`` the conversation is cut before the exchange
+   (user turn and its answer) holding its first non-target message: later
+   turns answer it and cannot stay without it. The cut keeps alternation; the
+   messages it removes are counted in ``cut_non_target_messages``, and a
+   conversation cut to nothing (its first exchange holds one) is dropped and
+   counted in ``dropped_non_target``. The count of non-target messages does not
+   depend on ``cut_non_target``. System prompts are not judged: step 6 removes
+   them whatever their language.
 6. System prompts (``system_prompts_removed``): the prompts present in the
    conversations that reach this step (a Fauno/Baize system line, jsonl
    ``system`` field and ``system`` messages) are removed and counted; those of
@@ -96,8 +104,10 @@ class IngestReport:
     dropped_empty: int = 0
     dropped_bad_alternation: int = 0
     dropped_duplicate_heavy: int = 0
+    dropped_non_target: int = 0  # cut to nothing (only with cut_non_target)
     system_prompts_removed: int = 0
     non_target_language_messages: int = 0
+    cut_non_target_messages: int = 0  # removed by the cut (only with cut_non_target)
     output_conversations: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -190,6 +200,49 @@ class DuplicateIndex:
         return False
 
 
+_FENCE_OPEN = re.compile(r"^\s*(`{3,}(?=[^`]*$)|~{3,})")  # "```py", not "```x```"
+_FENCE_CLOSE = re.compile(r"^\s*(`{3,}|~{3,})\s*$")
+_INDENTED = re.compile(r"^(?: {4}|\t)")
+_INLINE_CODE = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")  # within a line
+
+
+def strip_code(text: str) -> str:
+    """Step 5: the text without its code, the part that is judged for its language.
+
+    Removed: fenced blocks (from a line opening with three or more backticks or
+    tildes, after any indentation, to the line closing with at least as many of
+    the same, or to the end when none does; a line such as ```` ```x()``` ```` is
+    no opening but an inline span); indented blocks (lines starting with
+    four spaces or a tab, from one that follows a blank line, a fenced block or
+    the start of the text, up to the next line that is neither blank nor
+    indented: an indented line right after prose continues the prose); inline
+    code spans (a run of backticks, text on the same line, a run of the same
+    length).
+    """
+    kept: list[str] = []
+    fence: str | None = None  # the opening run while inside a fenced block
+    after_break = True  # an indented line here starts (or continues) a code block
+    for line in text.splitlines():
+        if fence is not None:
+            close = _FENCE_CLOSE.match(line)
+            if close and close[1][0] == fence[0] and len(close[1]) >= len(fence):
+                fence, after_break = None, True
+            continue
+        opening = _FENCE_OPEN.match(line)
+        if opening:
+            fence = opening[1]
+            continue
+        if not line.strip():
+            after_break = True
+            kept.append("")
+        elif after_break and _INDENTED.match(line):
+            continue
+        else:
+            after_break = False
+            kept.append(line)
+    return _INLINE_CODE.sub(" ", "\n".join(kept))
+
+
 class LanguageJudge:
     """Step 5's question for one message: is it in the target language?"""
 
@@ -200,7 +253,7 @@ class LanguageJudge:
     def in_target(self, turn: Turn) -> bool:
         if turn.lang is not None:
             return re.split(r"[-_]", turn.lang.lower())[0] == self.language
-        return self._check.ok(turn.text)
+        return self._check.ok(strip_code(turn.text))
 
 
 def cut_before_non_target(turns: list[Turn], in_target: list[bool]) -> list[Turn]:
@@ -216,12 +269,12 @@ class Refiner:
     """Runs the steps over a stream of conversations and counts in ``self.report``."""
 
     def __init__(
-        self, *, language: str = "it", min_chars: int = 20, drop_non_target: bool = True
+        self, *, language: str = "it", min_chars: int = 20, cut_non_target: bool = False
     ) -> None:
         if min_chars < 1:
             raise UsageError(f"min_chars must be at least 1, got {min_chars}")
         self.report = IngestReport()
-        self.drop_non_target = drop_non_target
+        self.cut_non_target = cut_non_target
         self._language = LanguageJudge(language, min_chars)
         self._duplicates = DuplicateIndex()
 
@@ -247,11 +300,13 @@ class Refiner:
             return None
         in_target = [self._language.in_target(t) for t in turns]
         report.non_target_language_messages += in_target.count(False)
-        if self.drop_non_target:
-            turns = cut_before_non_target(turns, in_target)
-            if not turns:
-                report.dropped_empty += 1
+        if self.cut_non_target:
+            kept = cut_before_non_target(turns, in_target)
+            report.cut_non_target_messages += len(turns) - len(kept)
+            if not kept:
+                report.dropped_non_target += 1
                 return None
+            turns = kept
         report.system_prompts_removed += len(system)
         report.output_conversations += 1
         return RefinedConversation(raw.id, raw.source, _messages(turns))
@@ -278,10 +333,10 @@ def refine_file(
     *,
     language: str = "it",
     min_chars: int = 20,
-    drop_non_target: bool = True,
+    cut_non_target: bool = False,
 ) -> tuple[list[RefinedConversation], dict[str, int]]:
     """Read ``path`` as ``fmt`` and refine it: (survivors in file order, the report)."""
     conversations = read_conversations(path, fmt)  # checks fmt before Lingua is built
-    refiner = Refiner(language=language, min_chars=min_chars, drop_non_target=drop_non_target)
+    refiner = Refiner(language=language, min_chars=min_chars, cut_non_target=cut_non_target)
     kept = list(refiner.run(conversations))
     return kept, refiner.report.as_dict()

@@ -128,7 +128,7 @@ def test_turns_are_admitted_one_at_a_time_and_prefixes_published(stack: Stack, f
     s, stats = stack.configs[fmt][1], stack.first[fmt]
     path, report = CASES[fmt]
     kept, _ = refine_file(path, fmt)
-    namespace, run_id = run_identity(path, fmt, language="it", min_chars=20, drop_non_target=True)
+    namespace, run_id = run_identity(path, fmt, language="it", min_chars=20, drop_non_target=False)
     refined = {f"{namespace}:{c.id}": c for c in kept}
     decisions = decisions_by_turn(stack.bootstrap, s)
     sent: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -219,7 +219,7 @@ def test_rerun_without_state_interrupted_then_resumed_accepts_nothing_new(stack:
     shutil.rmtree(s.state_path / "ingest")
     kept, _ = refine_file(path, "fauno")
     namespace, run_id = run_identity(
-        path, "fauno", language="it", min_chars=20, drop_non_target=True
+        path, "fauno", language="it", min_chars=20, drop_non_target=False
     )
     publisher = IngestPublisher(s, stack.bootstrap, "fauno", namespace, run_id, in_flight=4)
 

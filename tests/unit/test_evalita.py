@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from corpusfactory.chatformat import ChatFormat
 from corpusfactory.errors import InputFileError
 from corpusfactory.models.demo import DemoModels
 from training.evaluation.evalita import (
+    LAYOUTS,
     TASKS,
     EvalitaFileError,
     Example,
@@ -31,6 +33,14 @@ FILES = {
     "ami2020": ("ami2020_train.tsv", "ami2020_test.tsv"),
     "ironita2018": ("ironita2018_train.csv", "ironita2018_test.csv"),
     "sentipolc2014": ("sentipolc2014_train.csv", "sentipolc2014_test.csv"),
+}
+# The same records as FILES, both splits in one file (rows of the two splits interleaved):
+# AMI comma-separated, IronITA semicolon-separated with its columns in another order and
+# labels written True/False, SENTIPOLC tab-separated with every 0/1 column as TRUE/FALSE.
+SINGLE = {
+    "ami2020": "ami2020_single.csv",
+    "ironita2018": "ironita2018_single.csv",
+    "sentipolc2014": "sentipolc2014_single.tsv",
 }
 
 
@@ -97,7 +107,7 @@ HEADER = '"id";"text";"irony";"sarcasm";"topic"\n'
 @pytest.mark.parametrize(
     ("content", "where", "message"),
     [
-        ('"id";"testo";"irony";"sarcasm";"topic"\n', 1, "expected header"),
+        ('"id";"testo";"irony";"sarcasm";"topic"\n', 1, "not a ironita2018 file"),
         # The first record spans lines 2-3, so the bad one starts on line 4.
         (HEADER + '"1";"a\nb";"0";"0";"x"\n"2";"c";"2";"0";"x"\n', 4, "irony must be 0 or 1"),
         (HEADER + '"1";"ok";"1";"0";"x"\n"2";"  ";"0";"0";"x"\n', 3, "empty text"),
@@ -134,6 +144,132 @@ def test_sentipolc_bad_polarity_value(tmp_path: Path) -> None:
     path.write_text(header + '"1","1","1","x","0","0","0","0","testo"\n', encoding="utf-8")
     with pytest.raises(EvalitaFileError, match=r"bad\.csv:2: oneg must be 0 or 1, got 'x'"):
         read_sentipolc2014(path)
+
+
+# --- layouts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_single_file_gives_the_records_of_the_official_files(task: str) -> None:
+    reader = TASKS[task].reader
+    train, test = (reader(p) for p in _paths(task))
+    single = FIXTURES / SINGLE[task]
+    assert reader(single, "train") == train
+    assert reader(single, "test") == test
+    # No split: every row, in file order; the fixture interleaves the splits.
+    every = reader(single)
+    assert len(every) == len(train) + len(test) == 22
+    assert [ex for ex in every if ex in train] == train
+    assert [ex for ex in every if ex in test] == test
+    assert every[:3] == [train[0], train[1], test[0]]
+    # An official file is one split, whatever split is asked for.
+    assert reader(_paths(task)[0], "test") == train
+
+
+def test_sentipolc_2014_and_2016_layouts_quoted_or_not_give_the_same_records() -> None:
+    # 2014: no lpos/lneg columns, CRLF, fields unquoted, so texts show bare commas.
+    layout_2014 = FIXTURES / "sentipolc_official2014_train.csv"
+    raw = layout_2014.read_bytes().decode("utf-8")
+    assert raw.startswith("idtwitter,subj,opos,oneg,iro,top,text\r\n")
+    assert "0,Bellissima giornata al mare, mi sento rinato!\r\n" in raw
+    official_train = read_sentipolc2014(FIXTURES / "sentipolc2014_train.csv")  # 2016, quoted
+    assert read_sentipolc2014(layout_2014) == official_train
+    # 2016 unquoted (header included).
+    unquoted = FIXTURES / "sentipolc_official2016_unquoted_test.csv"
+    assert unquoted.read_text(encoding="utf-8").startswith("idtwitter,subj,opos,oneg,iro,lpos,")
+    official_test = read_sentipolc2014(FIXTURES / "sentipolc2014_test.csv")
+    assert read_sentipolc2014(unquoted) == official_test
+    # 2016 columns without a header line: the first line is already a record.
+    headerless = FIXTURES / "sentipolc_official2016_noheader_test.csv"
+    assert headerless.read_text(encoding="utf-8").startswith('"200001","1","1","0",')
+    assert read_sentipolc2014(headerless) == official_test
+
+
+def test_a_headerless_sentipolc_file_counts_its_lines_from_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "gold.csv"
+    path.write_text("1,1,0,0,0,0,0,0,bello\n2,1,0,2,0,0,0,0,brutto\n", encoding="utf-8")
+    with pytest.raises(EvalitaFileError, match=re.escape(f"{path}:2: oneg must be 0 or 1")):
+        read_sentipolc2014(path)
+
+
+def test_header_names_are_compared_stripped_and_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "ami.tsv"
+    path.write_text(" ID\tText \tMISOGYNOUS\tAggressiveness\nx1\tciao a tutti\t1\t0\n", "utf-8")
+    assert read_ami2020(path) == [Example("x1", "ciao a tutti", "misogynous")]
+    path = tmp_path / "iron.csv"
+    path.write_text("Text;ID;Set;Irony\nche bello;y1;TEST;true\n", "utf-8")
+    assert read_ironita2018(path, "test") == [Example("y1", "che bello", "ironic")]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize(
+    "header",
+    [
+        "id,testo,etichetta",
+        # The task's columns in a single file, but no set column.
+        "id,idtwitter,text,misogynous,irony,opos,oneg",
+        # A set column, but the single file's label columns are missing.
+        "id\tidtwitter\ttext\tset",
+    ],
+)
+def test_a_header_in_no_layout_gives_one_line_naming_the_file_and_the_layouts(
+    tmp_path: Path, task: str, header: str
+) -> None:
+    path = tmp_path / "mystery.csv"
+    path.write_text(f"\n\n{header}\n1,ciao,TRUE\n", encoding="utf-8")
+    with pytest.raises(EvalitaFileError) as caught:
+        TASKS[task].reader(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: not a {task} file: its header {header!r} is in no")
+    assert "\n" not in message
+    assert all(layout.describe() in message for layout in LAYOUTS[task])
+    assert "single file: comma-, semicolon- or tab-separated" in message
+    assert "set train or test, labels TRUE/FALSE" in message
+    expected = {
+        "ami2020": ["AMI 2020 official: tab-separated"],
+        "ironita2018": ["IronITA 2018 official: semicolon-separated"],
+        "sentipolc2014": [
+            "SENTIPOLC 2016 official: comma-separated, quoted or not, header ['idtwitter', "
+            "'subj', 'opos', 'oneg', 'iro', 'lpos', 'lneg', 'top', 'text']",
+            "SENTIPOLC 2014 official: comma-separated, quoted or not, header ['idtwitter', "
+            "'subj', 'opos', 'oneg', 'iro', 'top', 'text']",
+        ],
+    }[task]
+    assert all(fragment in message for fragment in expected)
+
+
+SINGLE_HEADER = "id,text,misogynous,set\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "split", "message"),
+    [
+        (
+            SINGLE_HEADER + "a,uno,TRUE,train\nb,due,1,test\n",
+            None,
+            r":3: misogynous must be TRUE or FALSE, got '1'",
+        ),
+        (
+            SINGLE_HEADER + "a,uno,TRUE,train\nb,due,FALSE,dev\n",
+            None,
+            r":3: set must be train or test, got 'dev'",
+        ),
+        (SINGLE_HEADER + "a,uno,TRUE,train\nb,,FALSE,test\n", "train", r":3: empty text"),
+        (SINGLE_HEADER + "a,uno,TRUE,train\nb,due,FALSE,train\n", "test", r": no test rows"),
+    ],
+)
+def test_bad_single_files_are_rejected(
+    tmp_path: Path, content: str, split: str | None, message: str
+) -> None:
+    path = tmp_path / "single.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(EvalitaFileError, match=re.escape(str(path)) + message):
+        read_ami2020(path, split)
+
+
+def test_a_split_other_than_train_or_test_is_a_usage_error() -> None:
+    with pytest.raises(ValueError, match="split must be"):
+        read_ami2020(FIXTURES / SINGLE["ami2020"], "dev")
 
 
 # --- shots and prompt -------------------------------------------------------------------------
@@ -213,6 +349,20 @@ def test_end_to_end_predictions_match_metrics(lm: CausalLM, task: str, tmp_path:
             100 * again["per_label"][label]["f1"]
         )
     assert 0 <= result["macro_f1"] <= 100 and result["seconds"] > 0
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_single_file_as_train_and_test_scores_like_the_official_pair(
+    lm: CausalLM, task: str, tmp_path: Path
+) -> None:
+    # Its train rows give the shots, its test rows the items: the same prompts, the same scores.
+    train, test = _paths(task)
+    single = FIXTURES / SINGLE[task]
+    official = evaluate_evalita(lm, task, train, test, tmp_path / "official", limit=4)
+    one_file = evaluate_evalita(lm, task, single, single, tmp_path / "single", limit=4)
+    assert one_file["n"] == 4 and one_file["shots"] == 5
+    assert _read_predictions(one_file["predictions"]) == _read_predictions(official["predictions"])
+    assert one_file["macro_f1"] == official["macro_f1"]
 
 
 def test_limit_picks_a_deterministic_subset(lm: CausalLM, tmp_path: Path) -> None:

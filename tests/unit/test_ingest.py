@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from corpusfactory.chatformat import Message
+from corpusfactory.cli import main
 from corpusfactory.errors import ConfigError, UsageError
 from corpusfactory.ingest import (
     IngestError,
@@ -26,7 +27,8 @@ from corpusfactory.ingest import (
     split_transcript,
 )
 from corpusfactory.ingest.formats import Turn
-from corpusfactory.ingest.refine import LanguageJudge
+from corpusfactory.ingest.refine import LanguageJudge, strip_code
+from corpusfactory.language import LanguageCheck
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ingest"
 KEYS = [
@@ -35,11 +37,18 @@ KEYS = [
     "dropped_empty",
     "dropped_bad_alternation",
     "dropped_duplicate_heavy",
+    "dropped_non_target",
     "system_prompts_removed",
     "non_target_language_messages",
+    "cut_non_target_messages",
     "output_conversations",
 ]
-DROPS = ("dropped_empty", "dropped_bad_alternation", "dropped_duplicate_heavy")
+DROPS = (
+    "dropped_empty",
+    "dropped_bad_alternation",
+    "dropped_duplicate_heavy",
+    "dropped_non_target",
+)
 
 
 def pairs(convs: list[RefinedConversation]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -80,18 +89,29 @@ def chats(path: Path, convs: list[list[str]]) -> Path:
 #   #10 #0 again, other whitespace: 4/4 duplicated          -> dropped_duplicate_heavy
 #   #11 3/4 duplicated (of #0 and #1)                        -> dropped_duplicate_heavy
 #   #12 2/4 duplicated (of #0): exactly half                 -> kept (system line)
-#   #13 English answer in the 2nd exchange: cut to the 1st   -> kept (system line), 1 non-target
-#   #14 English first question: cut to nothing               -> dropped_empty, 1 non-target
+#   #13 English answer in the 2nd exchange: counted, kept    -> kept (system line), 1 non-target
+#       (with cut_non_target: cut to the 1st exchange, 2 messages cut)
+#   #14 English first question: counted, kept                -> kept (system line), 1 non-target
+#       (with cut_non_target: cut to nothing, 2 messages cut -> dropped_non_target)
 #   #15 "Good morning." is under 20 characters: not judged   -> kept (no system line)
-FAUNO_REPORT = {
+FAUNO_REPORT = {  # the default: non-target messages are counted and kept
     "input_conversations": 16,
     "tags_fixed": 9,  # 5 (#1) + 2 (#2) + 1 (#5) + 1 (#7): dropped records count too
-    "dropped_empty": 3,  # #4, #5, #14
+    "dropped_empty": 2,  # #4, #5
     "dropped_bad_alternation": 4,  # #6, #7, #8, #9
     "dropped_duplicate_heavy": 2,  # #10, #11 (the first copy, #0, stays)
-    "system_prompts_removed": 5,  # survivors with a system line: #0 #1 #3 #12 #13
+    "dropped_non_target": 0,  # nothing is cut by default
+    "system_prompts_removed": 6,  # survivors with a system line: #0 #1 #3 #12 #13 #14
     "non_target_language_messages": 2,  # #13's answer, #14's question
-    "output_conversations": 7,  # #0 #1 #2 #3 #12 #13 #15
+    "cut_non_target_messages": 0,
+    "output_conversations": 8,  # #0 #1 #2 #3 #12 #13 #14 #15
+}
+FAUNO_CUT_REPORT = {  # cut_non_target=True: same judgements, #13 shortened, #14 dropped
+    **FAUNO_REPORT,
+    "dropped_non_target": 1,  # #14
+    "system_prompts_removed": 5,  # #14's went with it
+    "cut_non_target_messages": 4,  # #13's 2nd exchange, #14's only exchange
+    "output_conversations": 7,
 }
 RISOTTO = [
     ("user", "Come si prepara il risotto alla milanese?"),
@@ -165,6 +185,22 @@ FAUNO_KEPT = [
                 "assistant",
                 "Un lago è più grande e profondo, uno stagno è piccolo e poco profondo.",
             ),
+            ("user", "E perché alcuni laghi si trovano proprio in cima alle montagne?"),
+            (
+                "assistant",
+                "Many mountain lakes were carved by glaciers, which left basins that later "
+                "filled with meltwater.",
+            ),
+        ],
+    ),
+    (
+        "fauno.json#14",
+        [
+            ("user", "What is the best season to visit Sicily?"),
+            (
+                "assistant",
+                "La primavera è ideale: il clima è mite e le campagne sono in fiore.",
+            ),
         ],
     ),
     (
@@ -174,6 +210,11 @@ FAUNO_KEPT = [
             ("assistant", "Good morning."),
         ],
     ),
+]
+FAUNO_CUT_KEPT = [
+    (cid, msgs[:2]) if cid == "fauno.json#13" else (cid, msgs)
+    for cid, msgs in FAUNO_KEPT
+    if cid != "fauno.json#14"
 ]
 
 
@@ -190,23 +231,15 @@ def test_fauno_counts_every_rule_and_keeps_exactly_these() -> None:
     }
 
 
-def test_fauno_keeping_non_target_messages() -> None:
-    # Same judgements (2 non-target messages), nothing cut: #13 keeps its English answer,
-    # #14 is no longer empty and survives with its system line (6 removed, not 5).
-    kept, report = refine_file(FIXTURES / "fauno.json", "fauno", drop_non_target=False)
-    assert report == {
-        **FAUNO_REPORT,
-        "dropped_empty": 2,
-        "system_prompts_removed": 6,
-        "output_conversations": 8,
-    }
-    by_id = dict(pairs(kept))
-    assert by_id["fauno.json#13"][3] == (
-        "assistant",
-        "Many mountain lakes were carved by glaciers, which left basins that later filled "
-        "with meltwater.",
-    )
-    assert by_id["fauno.json#14"][0] == ("user", "What is the best season to visit Sicily?")
+def test_fauno_cutting_non_target_messages() -> None:
+    # Same judgements (2 non-target messages); #13 loses its 2nd exchange, #14 is cut to
+    # nothing and counted as dropped_non_target (not dropped_empty), its system line with it.
+    kept, report = refine_file(FIXTURES / "fauno.json", "fauno", cut_non_target=True)
+    assert list(report) == KEYS
+    assert report == FAUNO_CUT_REPORT
+    assert pairs(kept) == FAUNO_CUT_KEPT
+    # The explicit default is the default.
+    assert refine_file(FIXTURES / "fauno.json", "fauno", cut_non_target=False)[1] == FAUNO_REPORT
 
 
 def test_jsonl_layout_is_detected_from_the_content(tmp_path: Path) -> None:
@@ -229,7 +262,8 @@ def test_jsonl_layout_is_detected_from_the_content(tmp_path: Path) -> None:
 #   #2 blank turns                                           -> dropped_empty
 #   #3 the AI answers twice                                  -> dropped_bad_alternation
 #   #4 #0 again: 2/2 duplicated                              -> dropped_duplicate_heavy
-#   #5 Italian answer in the 2nd exchange: cut to the 1st    -> kept (system line), 1 non-target
+#   #5 Italian answer in the 2nd exchange                    -> kept (system line), 1 non-target
+#      (with cut_non_target: cut to the 1st exchange, 2 messages cut)
 #   #6 given id "baize-7", no system line                    -> kept
 BAIZE_REPORT = {
     "input_conversations": 7,
@@ -237,8 +271,10 @@ BAIZE_REPORT = {
     "dropped_empty": 1,
     "dropped_bad_alternation": 1,
     "dropped_duplicate_heavy": 1,
+    "dropped_non_target": 0,
     "system_prompts_removed": 3,  # #0 #1 #5
     "non_target_language_messages": 1,  # #5's Italian answer
+    "cut_non_target_messages": 0,
     "output_conversations": 4,
 }
 
@@ -249,6 +285,12 @@ def test_baize_counts_with_english_as_target() -> None:
     assert [c.id for c in kept] == ["baize.jsonl#0", "baize.jsonl#1", "baize.jsonl#5", "baize-7"]
     assert [m.role for m in kept[1].messages] == ["user", "assistant", "user", "assistant"]
     assert kept[1].messages[2] == Message("user", "Where is the mountain located?")
+    assert len(kept[2].messages) == 4  # the Italian answer stays
+    kept, report = refine_file(
+        FIXTURES / "baize.jsonl", "baize", language="en", cut_non_target=True
+    )
+    assert report == {**BAIZE_REPORT, "cut_non_target_messages": 2}
+    assert [c.id for c in kept] == ["baize.jsonl#0", "baize.jsonl#1", "baize.jsonl#5", "baize-7"]
     assert len(kept[2].messages) == 2
 
 
@@ -265,20 +307,24 @@ def test_baize_tags_are_not_fauno_tags() -> None:
 #         messages, not copies: judged on p6 a6 only (by text it would be 4/6)  -> kept
 #   t1:p3 p1 a1 p3: ends with the user           -> dropped_bad_alternation
 #   t1:a3 p1 a3                                   -> kept
-#   t1:a4 p1 a4, a4 declared "en": cut to nothing -> dropped_empty, 1 non-target
+#   t1:a4 p1 a4, a4 declared "en"                 -> kept, 1 non-target
+#         (with cut_non_target: cut to nothing, 2 messages cut -> dropped_non_target)
 #   t2:b2 t1:a5's first 4 texts again: 4/4       -> dropped_duplicate_heavy
 #   t3:c1 blank texts                             -> dropped_empty
 #   t4:s2 a prompter answers the prompt           -> dropped_bad_alternation
-#   t5:e4 no "lang": Lingua finds e3 English: cut to the 1st exchange -> kept, 1 non-target
+#   t5:e4 no "lang": Lingua finds e3 English      -> kept, 1 non-target
+#         (with cut_non_target: cut to the 1st exchange, 2 messages cut)
 OASST_REPORT = {
     "input_conversations": 9,
     "tags_fixed": 0,
-    "dropped_empty": 2,  # t1:a4, t3:c1
+    "dropped_empty": 1,  # t3:c1
     "dropped_bad_alternation": 2,  # t1:p3, t4:s2
     "dropped_duplicate_heavy": 1,  # t2:b2
+    "dropped_non_target": 0,
     "system_prompts_removed": 0,  # OASST has none
     "non_target_language_messages": 2,  # a4 (declared), e3 (detected)
-    "output_conversations": 4,
+    "cut_non_target_messages": 0,
+    "output_conversations": 5,
 }
 
 
@@ -289,16 +335,27 @@ def test_oasst_paths_counts_and_shared_prefixes() -> None:
         ("t1:a5", 6),
         ("t1:a6", 6),
         ("t1:a3", 2),
-        ("t5:e4", 2),
+        ("t1:a4", 2),
+        ("t5:e4", 4),
     ]
     assert kept[0].messages[:4] == kept[1].messages[:4]
     assert not any("rimosso" in m.text for c in kept for m in c.messages)
 
 
-def test_oasst_keeping_non_target_messages() -> None:
-    kept, report = refine_file(FIXTURES / "oasst.jsonl", "oasst", drop_non_target=False)
-    assert report == {**OASST_REPORT, "dropped_empty": 1, "output_conversations": 5}
-    assert [(c.id, len(c.messages)) for c in kept][3:] == [("t1:a4", 2), ("t5:e4", 4)]
+def test_oasst_cutting_non_target_messages() -> None:
+    kept, report = refine_file(FIXTURES / "oasst.jsonl", "oasst", cut_non_target=True)
+    assert report == {
+        **OASST_REPORT,
+        "dropped_non_target": 1,  # t1:a4
+        "cut_non_target_messages": 4,  # t1:a4's p1 a4, t5:e4's e3 e4
+        "output_conversations": 4,
+    }
+    assert [(c.id, len(c.messages)) for c in kept] == [
+        ("t1:a5", 6),
+        ("t1:a6", 6),
+        ("t1:a3", 2),
+        ("t5:e4", 2),
+    ]
 
 
 # -- jsonl -----------------------------------------------------------------------------
@@ -312,20 +369,30 @@ def test_oasst_keeping_non_target_messages() -> None:
 #   #5 one unanswered user turn                              -> dropped_bad_alternation
 #   #6 id c1-copia, c1 again: 2/2                            -> dropped_duplicate_heavy
 #   #7 id c8, c1's question again: 1/2, "system": null        -> kept
-#   #8 English answer to the 1st question: cut to nothing    -> dropped_empty, 1 non-target
-#   #9 id 42, "system": "" (no prompt), English 2nd question  -> kept (1st exchange), 1 non-target
+#   #8 English answer to the 1st question                    -> kept, 1 non-target
+#      (with cut_non_target: cut to nothing, 2 messages cut -> dropped_non_target)
+#   #9 id 42, "system": "" (no prompt), English 2nd question  -> kept, 1 non-target
+#      (with cut_non_target: cut to the 1st exchange, 2 messages cut)
 JSONL_REPORT = {
     "input_conversations": 10,
     "tags_fixed": 0,
-    "dropped_empty": 3,  # #2, #3, #8
+    "dropped_empty": 2,  # #2, #3
     "dropped_bad_alternation": 2,  # #4, #5
     "dropped_duplicate_heavy": 1,  # #6
+    "dropped_non_target": 0,
     "system_prompts_removed": 3,  # #0: 1, #1: 2
     "non_target_language_messages": 2,  # #8's answer, #9's 2nd question
+    "cut_non_target_messages": 0,
+    "output_conversations": 5,
+}
+JSONL_CUT_REPORT = {
+    **JSONL_REPORT,
+    "dropped_non_target": 1,  # #8
+    "cut_non_target_messages": 4,  # #8's exchange, #9's 2nd exchange
     "output_conversations": 4,
 }
 PHOTO_Q = ("user", "Mi spieghi cos'è la fotosintesi?")
-JSONL_KEPT = [
+JSONL_CUT_KEPT = [
     (
         "c1",
         [
@@ -370,11 +437,36 @@ JSONL_KEPT = [
 ]
 
 
+GATTO = [
+    ("user", "Come si dice la parola gatto in inglese e anche in francese?"),
+    (
+        "assistant",
+        "In English it is cat, and in French it is chat, pronounced without the final letter.",
+    ),
+]
+FLAG_MEANING = [
+    ("user", "And what do the colours of the flag mean?"),
+    (
+        "assistant",
+        "Secondo una lettura diffusa il verde indica la speranza, il bianco la fede e il rosso "
+        "la carità.",
+    ),
+]
+JSONL_KEPT = [
+    *JSONL_CUT_KEPT[:3],
+    ("chats.jsonl#8", GATTO),
+    ("42", JSONL_CUT_KEPT[3][1] + FLAG_MEANING),
+]
+
+
 def test_jsonl_counts_and_survivors() -> None:
     kept, report = refine_file(FIXTURES / "chats.jsonl", "jsonl")
     assert report == JSONL_REPORT
     assert pairs(kept) == JSONL_KEPT
     assert {c.source for c in kept} == {"jsonl"}
+    kept, report = refine_file(FIXTURES / "chats.jsonl", "jsonl", cut_non_target=True)
+    assert report == JSONL_CUT_REPORT
+    assert pairs(kept) == JSONL_CUT_KEPT
 
 
 @pytest.mark.parametrize(
@@ -386,16 +478,20 @@ def test_jsonl_counts_and_survivors() -> None:
         ("chats.jsonl", "jsonl", "it"),
     ],
 )
-@pytest.mark.parametrize("drop_non_target", [True, False])
-def test_every_conversation_is_kept_or_dropped_once(
-    name: str, fmt: str, language: str, drop_non_target: bool
-) -> None:
-    kept, report = refine_file(
-        FIXTURES / name, fmt, language=language, drop_non_target=drop_non_target
+def test_every_conversation_is_kept_or_dropped_once(name: str, fmt: str, language: str) -> None:
+    kept, report = refine_file(FIXTURES / name, fmt, language=language)
+    cut, cut_report = refine_file(FIXTURES / name, fmt, language=language, cut_non_target=True)
+    for convs, rep in ((kept, report), (cut, cut_report)):
+        assert list(rep) == KEYS
+        assert rep["output_conversations"] == len(convs)
+        dropped = sum(rep[k] for k in DROPS)
+        assert rep["input_conversations"] == rep["output_conversations"] + dropped
+    # Keeping cuts nothing; cutting removes exactly the messages it counts.
+    assert report["dropped_non_target"] == report["cut_non_target_messages"] == 0
+    assert sum(map(len, (c.messages for c in kept))) == (
+        sum(map(len, (c.messages for c in cut))) + cut_report["cut_non_target_messages"]
     )
-    assert report["output_conversations"] == len(kept)
-    dropped = sum(report[k] for k in DROPS)
-    assert report["input_conversations"] == report["output_conversations"] + dropped
+    assert cut_report["non_target_language_messages"] == report["non_target_language_messages"]
 
 
 # -- step 1: tags ----------------------------------------------------------------------
@@ -488,10 +584,10 @@ def test_dropped_conversations_are_never_seen(tmp_path: Path) -> None:
 def test_min_chars_decides_what_is_judged(tmp_path: Path) -> None:
     thanks = "Thank you, that is perfect."  # 27 characters, English
     f = chats(tmp_path / "short.jsonl", [[A[0], A[1], thanks, A[3]]])
-    kept, report = refine_file(f, "jsonl", min_chars=20)
+    kept, report = refine_file(f, "jsonl", min_chars=20, cut_non_target=True)
     assert report["non_target_language_messages"] == 1
     assert [len(c.messages) for c in kept] == [2]
-    kept, report = refine_file(f, "jsonl", min_chars=28)
+    kept, report = refine_file(f, "jsonl", min_chars=28, cut_non_target=True)
     assert report["non_target_language_messages"] == 0
     assert [len(c.messages) for c in kept] == [4]
 
@@ -501,6 +597,117 @@ def test_declared_language_decides_whatever_the_length() -> None:
     assert not judge.in_target(Turn("user", "Ok", lang="en-GB"))
     assert judge.in_target(Turn("user", "This text is plainly written in English.", lang="IT"))
     assert judge.in_target(Turn("user", "Ok"))  # no declaration, too short to judge
+
+
+# Step 5 on code and names: the paper's English hits were mostly code and Italian
+# sentences holding English names, so neither may count as another language.
+CODE_FENCED = (
+    "Ecco come leggere le impostazioni da un file:\n\n"
+    "```python\n"
+    "import json\n\n"
+    "def load_settings(path):\n"
+    '    """Read the settings file and return them as a dictionary."""\n'
+    '    with open(path, encoding="utf-8") as handle:\n'
+    "        return json.load(handle)  # raises an error when the file is missing\n"
+    "```\n\n"
+    "La funzione restituisce un dizionario con tutte le impostazioni."
+)
+CODE_INDENTED = (
+    "Puoi scrivere così:\n\n"
+    '    with open("notes.txt", encoding="utf-8") as handle:\n'
+    "        # count the lines that are not empty\n"
+    "        total = sum(1 for line in handle if line.strip())\n"
+    '    print("number of non-empty lines in the file:", total)\n\n'
+    "Il risultato è il numero di righe non vuote."
+)
+ONLY_CODE = (
+    "```bash\n"
+    "git checkout main\n"
+    "git pull --rebase origin main\n"
+    "git push --force-with-lease origin feature/update-the-readme\n"
+    "```"
+)
+NAMES_Q = (
+    "Ieri sera ho rivisto The Lord of the Rings di Peter Jackson e poi ho ascoltato "
+    "tutto The Dark Side of the Moon dei Pink Floyd: cosa mi consigli per stasera?"
+)
+NAMES_A = (
+    "Potresti guardare Star Wars o Blade Runner, e ascoltare Wish You Were Here, "
+    "che è un altro album bellissimo dei Pink Floyd."
+)
+ENGLISH_Q = "Could you explain that again in simpler words, please?"
+ENGLISH_FIRST = "Which Italian city would you recommend for a weekend in spring?"
+IT_ANSWER = "Firenze in primavera è bellissima, con i giardini in fiore e pochi turisti."
+
+
+def test_code_and_english_names_are_not_judged_as_another_language() -> None:
+    whole = LanguageCheck("it", min_chars=20)  # the detector on the raw text
+    judge = LanguageJudge("it", min_chars=20)  # step 5: the text without its code
+    for text in (CODE_FENCED, CODE_INDENTED, ONLY_CODE):
+        assert not whole.ok(text)  # judged with its code, it would count as foreign
+        assert judge.in_target(Turn("assistant", text))
+    assert strip_code(ONLY_CODE) == ""  # only code: nothing left to judge, so it passes
+    for text in (NAMES_Q, NAMES_A):
+        assert whole.ok(text) and judge.in_target(Turn("user", text))
+    assert not judge.in_target(Turn("user", ENGLISH_Q))
+
+
+def test_non_target_messages_are_kept_and_counted_or_cut_on_request(tmp_path: Path) -> None:
+    f = chats(
+        tmp_path / "step5.jsonl",
+        [
+            ["Come si leggono le impostazioni da un file JSON?", CODE_FENCED],  # c0: in target
+            ["Quali comandi servono per aggiornare il ramo principale?", ONLY_CODE],  # c1
+            ["Come conto le righe non vuote di un file?", CODE_INDENTED],  # c2: in target
+            [NAMES_Q, NAMES_A],  # c3: Italian with English names: in target
+            [A[0], A[1], ENGLISH_Q, A[3]],  # c4: English 2nd question
+            [ENGLISH_FIRST, IT_ANSWER],  # c5: English 1st question
+        ],
+    )
+    texts = [
+        m["text"]
+        for line in f.read_text("utf-8").splitlines()
+        for m in json.loads(line)["messages"]
+    ]
+    kept, report = refine_file(f, "jsonl")
+    assert report["non_target_language_messages"] == 2  # ENGLISH_Q, ENGLISH_FIRST
+    assert report["dropped_non_target"] == report["cut_non_target_messages"] == 0
+    assert [c.id for c in kept] == ["c0", "c1", "c2", "c3", "c4", "c5"]
+    assert [m.text for c in kept for m in c.messages] == texts  # nothing cut, code included
+
+    kept, report = refine_file(f, "jsonl", cut_non_target=True)
+    assert report["non_target_language_messages"] == 2
+    assert report["cut_non_target_messages"] == 4  # c4's 2nd exchange, c5's only one
+    assert report["dropped_non_target"] == 1  # c5, not counted as dropped_empty
+    assert report["dropped_empty"] == 0
+    assert report["input_conversations"] == report["output_conversations"] + 1
+    assert [(c.id, len(c.messages)) for c in kept] == [
+        ("c0", 2),
+        ("c1", 2),
+        ("c2", 2),
+        ("c3", 2),
+        ("c4", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Testo\n```py\nx = 1\n```\nfine", "Testo\nfine"),
+        ("a\n~~~\nx\n~~~\nb", "a\nb"),
+        ("a\n  ```\nx\n```\nb", "a\nb"),  # an indented fence (inside a list item)
+        ("a\n````\n```\nx\n````\nb", "a\nb"),  # closed by a run at least as long
+        ("a\n```\nx\ny", "a"),  # never closed: code to the end
+        ("Prosa:\n\n    code()\n\n    more()\ndopo", "Prosa:\n\n\ndopo"),
+        ("    code()\ntesto", "testo"),  # indented at the start of the text
+        ("1. primo punto\n    che continua qui", "1. primo punto\n    che continua qui"),
+        ("usa `git status` e ``a`b`` ora", "usa   e   ora"),
+        ("```x()``` e poi", "  e poi"),  # one line: an inline span, not a fence
+        ("nessun codice qui", "nessun codice qui"),
+    ],
+)
+def test_strip_code(text: str, expected: str) -> None:
+    assert strip_code(text) == expected
 
 
 # -- streaming and arguments -----------------------------------------------------------
@@ -540,6 +747,24 @@ def test_bad_arguments() -> None:
         refine_file(FIXTURES / "chats.jsonl", "jsonl", min_chars=0)
     with pytest.raises(ConfigError, match="unknown ISO 639-1"):
         refine_file(FIXTURES / "chats.jsonl", "jsonl", language="xx")
+
+
+def test_cli_keeps_by_default_and_cuts_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ingest", str(FIXTURES / "chats.jsonl"), "--format", "jsonl", "--dry-run", "--json"]
+    argv += ["--state-dir", str(tmp_path)]
+    for flags, expected in (
+        ([], JSONL_REPORT),
+        (["--keep-non-target"], JSONL_REPORT),
+        (["--cut-non-target"], JSONL_CUT_REPORT),
+    ):
+        assert main([*argv, *flags]) == 0
+        assert json.loads(capsys.readouterr().out) == expected
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--cut-non-target", "--keep-non-target"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # -- bad input ---------------------------------------------------------------------

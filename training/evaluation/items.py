@@ -44,6 +44,6 @@ def evaluation_items(settings: Settings, min_chars: int = 20) -> list[tuple[str,
         for task, files in sorted(e.evalita.items()):
             if task not in e.tasks:
                 continue
-            for ex in TASKS[task].reader(Path(files.test)):
+            for ex in TASKS[task].reader(Path(files.test), "test"):
                 items[f"eval:{task}:{ex.id}"] = ex.text
     return sorted(items.items())
