@@ -18,11 +18,11 @@ The suffix keeps the records out of every ``*.json`` listing of results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.errors import CorpusFactoryError
 
 SUFFIX = ".failure"
@@ -56,13 +56,7 @@ class FailureRecords:
             **extra,
         }
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.path(item)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(rec, fh, indent=2, ensure_ascii=False, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        write_json_atomic(self.path(item), rec)
         return rec
 
     def get(self, item: str) -> dict[str, Any] | None:

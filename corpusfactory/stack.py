@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
+from corpusfactory.atomicio import write_text_atomic
 from corpusfactory.errors import CorpusFactoryError
 from corpusfactory.settings import Settings
 
@@ -32,17 +32,7 @@ def write_settings(settings: Settings, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = settings.model_dump(mode="json")
     data["state_dir"] = str(settings.state_path)
-    text = yaml.safe_dump(data, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp: created 0600
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False), mode=0o600)
     return path
 
 

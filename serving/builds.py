@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.snapshots import write_json_atomic
+from corpusfactory.atomicio import write_json_atomic
 
 
 @dataclass(frozen=True)

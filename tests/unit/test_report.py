@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from consumers.store import CorpusStore
+from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.cli import main
 from corpusfactory.contract import SCHEMA_VERSION, AcceptedConversation, AcceptedTurn, Decision
 from corpusfactory.models.demo import DemoModels
@@ -22,7 +23,7 @@ from corpusfactory.report import build_report, first_decisions
 from corpusfactory.report_plots import time_bins
 from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.settings import Settings, load_settings
-from training.snapshots import BASE_ID, MANIFEST, SnapshotStore, write_json_atomic
+from training.snapshots import BASE_ID, MANIFEST, SnapshotStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 T0 = 1_700_000_000.0

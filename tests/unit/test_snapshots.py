@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from corpusfactory.atomicio import write_json_atomic
 from training.snapshots import (
     CONVERSATIONS,
     MANIFEST,
@@ -21,7 +22,6 @@ from training.snapshots import (
     Snapshot,
     SnapshotError,
     SnapshotStore,
-    write_json_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,7 +269,8 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
 _PUBLISHER = """
 import sys
 from pathlib import Path
-from training.snapshots import SnapshotStore, write_json_atomic
+from corpusfactory.atomicio import write_json_atomic
+from training.snapshots import SnapshotStore
 store = SnapshotStore(Path(sys.argv[1]))
 sid = sys.argv[2]
 tmp = store.staging(sid)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.errors import UsageError, is_transient
 from corpusfactory.failures import FailureRecords
@@ -39,7 +40,7 @@ from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from training.data import TrainingConversation, read_jsonl
 from training.evaluation.lm import CausalLM
-from training.snapshots import BASE_ID, HELDOUT, SnapshotStore, write_json_atomic
+from training.snapshots import BASE_ID, HELDOUT, SnapshotStore
 
 log = logging.getLogger(__name__)
 
