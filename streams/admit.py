@@ -369,7 +369,7 @@ async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None
     except Exception as exc:
         # Not an outage (that is retried above) but a record the index refuses or a
         # bug: decide turn by turn so one bad turn is dead-lettered and not its batch.
-        log.error("batch admission failed (%s: %s); deciding turn by turn", _kind(exc), exc)
+        log.error("batch admission failed (%s: %s); deciding turn by turn", type(exc).__name__, exc)
         for event, turn in scored:
             try:
                 outcomes.append((event, (await _retry(ctx, admitter.admit, [turn]))[0]))
@@ -390,19 +390,10 @@ async def _admit_events(ctx: Any, admitter: Admitter, events: list[Any]) -> None
                 value = None
             await ctx.dead_letter(event, outcome, stage, origin, value)
             continue
-        try:
-            value = encode(outcome)
-        except Exception as exc:
-            await ctx.dead_letter(event, exc, "admit")
-            continue
-        await ctx.decisions.send(key=event.message.key, value=value)
-        decisions.append(outcome)
+        if await ctx.forward(ctx.decisions, event, outcome, "admit"):
+            decisions.append(outcome)
     ctx.metrics.observe(decisions)
     # Only first acceptances add a vector (a replay finds its own key).
     added = sum(d.accepted and not d.replayed for d in decisions)
     if added:
         ctx.metrics.index_vectors.labels(KIND_TURN).inc(added)
-
-
-def _kind(exc: BaseException) -> str:
-    return type(exc).__name__

@@ -75,6 +75,17 @@ class StreamContext:
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def forward(self, topic: Any, event: Any, record: Any, stage: str) -> bool:
+        """Send ``record`` to ``topic`` under its event's key; a record that does not
+        encode is dead-lettered at ``stage`` instead. True when it was sent."""
+        try:
+            value = encode(record)
+        except Exception as exc:
+            await self.dead_letter(event, exc, stage)
+            return False
+        await topic.send(key=event.message.key, value=value)
+        return True
+
     async def dead_letter(
         self,
         event: Any,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corpusfactory import contract
-from corpusfactory.contract import CandidateTurn, ScoredTurn, encode
+from corpusfactory.contract import CandidateTurn, ScoredTurn
 from corpusfactory.embedder import Embedder
 from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
@@ -224,11 +224,6 @@ async def _score_events(ctx: Any, models: ScoringModels, events: list[Any]) -> N
     for event, s in pairs:
         s.origin_partition = event.message.partition
         s.origin_offset = event.message.offset
-        try:
-            value = encode(s)
-        except Exception as exc:
-            await ctx.dead_letter(event, exc, "score")
-            continue
-        await ctx.scored.send(key=event.message.key, value=value)
-        sent.append(s)
+        if await ctx.forward(ctx.scored, event, s, "score"):
+            sent.append(s)
     ctx.metrics.observe_batch(sent)
