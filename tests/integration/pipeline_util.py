@@ -5,13 +5,41 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from corpusfactory import contract
+from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.settings import Settings
+from corpusfactory.stack import WorkerProcess
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    bootstrap: str
+    admitter: WorkerProcess
+    scorer: WorkerProcess
+
+
+@contextmanager
+def worker_stack(settings: Settings, bootstrap: str) -> Iterator[Stack]:
+    """The topics, one admitter and one scorer, ready; both stopped on exit."""
+    ensure_topics(settings, bootstrap)
+    admitter = WorkerProcess(settings, "admitter").start()
+    scorer = WorkerProcess(settings, "scorer").start()
+    try:
+        admitter.wait_ready()
+        scorer.wait_ready()
+        yield Stack(settings, bootstrap, admitter, scorer)
+    finally:
+        scorer.stop()
+        admitter.stop()
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Any]:

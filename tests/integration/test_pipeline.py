@@ -12,7 +12,6 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -20,7 +19,6 @@ from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
 from corpusfactory.index import VectorIndex
-from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.settings import Settings
@@ -29,6 +27,7 @@ from producers.generators.base import make_generator
 from producers.service import SelfChatProducer
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
+    Stack,
     candidate,
     check_i1,
     check_i2,
@@ -38,17 +37,10 @@ from tests.integration.pipeline_util import (
     producer,
     read_topic,
     wait_for,
+    worker_stack,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    bootstrap: str
-    admitter: WorkerProcess
-    scorer: WorkerProcess
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +48,8 @@ def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
     settings = make_settings(
         tmp_path_factory.mktemp("stack"), kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}."
     )
-    ensure_topics(settings, kafka_bootstrap)
-    admitter = WorkerProcess(settings, "admitter").start()
-    scorer = WorkerProcess(settings, "scorer").start()
-    try:
-        admitter.wait_ready()
-        scorer.wait_ready()
-        yield Stack(settings, kafka_bootstrap, admitter, scorer)
-    finally:
-        scorer.stop()
-        admitter.stop()
+    with worker_stack(settings, kafka_bootstrap) as running:
+        yield running
 
 
 def run_producer(settings: Settings, bootstrap: str, conversations: int, producer_id: str):

@@ -18,32 +18,24 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.settings import Settings
 from corpusfactory.stack import WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
+    Stack,
     candidate,
     decisions_by_turn,
     producer,
     read_topic,
     wait_for,
+    worker_stack,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    bootstrap: str
-    admitter: WorkerProcess
-    scorer: WorkerProcess
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +46,8 @@ def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
         f"t{uuid.uuid4().hex[:8]}.",
         admission={"batch_window_s": 0.5},  # one window catches the whole burst
     )
-    ensure_topics(settings, kafka_bootstrap)
-    admitter = WorkerProcess(settings, "admitter").start()
-    scorer = WorkerProcess(settings, "scorer").start()
-    try:
-        admitter.wait_ready()
-        scorer.wait_ready()
-        yield Stack(settings, kafka_bootstrap, admitter, scorer)
-    finally:
-        scorer.stop()
-        admitter.stop()
+    with worker_stack(settings, kafka_bootstrap) as running:
+        yield running
 
 
 def _dead_letters(stack: Stack) -> list[contract.DeadLetter]:
