@@ -59,6 +59,8 @@ $(VENV_DIR)/.complete:
 _build-venv:
 	@if [ ! -e "$(VENV_DIR)/.complete" ]; then \
 		rm -rf "$(VENV_DIR)" && \
+		echo "venv: installing the locked dependencies into $(VENV_DIR)" && \
+		echo "venv: $$(grep -c '==' requirements.lock) packages, about 6.5 GB (torch, DeepSpeed, transformers, Milvus); llama-cpp-python compiles from source (about 6 minutes)" && \
 		$(PYTHON) -m venv "$(VENV_DIR)" && \
 		"$(DEPS_PY)" -m pip install -q --upgrade pip && \
 		"$(DEPS_PY)" -m pip install -q -r requirements.lock && \
@@ -107,10 +109,13 @@ venv: $(VENV_DIR)/.complete
 	echo "$$want" >$(VENV_STAMP)
 
 jars: venv
+	@echo "jars: the Kafka broker's jars from Maven Central into $(CACHE)/kafka (about 46 MB, once)"
 	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
 
 models: venv
-	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null
+	@echo "models: the demo's models are built once into $(CACHE)/models (progress below)"
+	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo --toy-only >/dev/null
+	@$(PY) -m serving.gguf.convert --fetch >/dev/null
 
 demo: setup
 	$(VENV)/bin/corpusfactory demo --config configs/demo.yaml

@@ -83,7 +83,7 @@ def _machine() -> dict[str, Any]:
 
 
 def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from corpusfactory.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds
 
@@ -182,7 +182,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from corpusfactory.chatformat import ChatFormat
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from corpusfactory.seeds import load_seeds
     from training import dsconfig
     from training.data import TrainingConversation
@@ -409,7 +409,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from corpusfactory.errors import ModelError
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from serving.gguf.convert import convert_hf_to_gguf
     from serving.gguf.quantize import quant_ftype, quantize
 

@@ -84,7 +84,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
     from corpusfactory.metrics import ProducerMetrics, metrics_endpoint
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from producers.generators.base import make_generator
     from producers.service import SelfChatProducer
 
@@ -110,7 +110,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from corpusfactory.scoring.nll import MLMScorer
 
     if args.text is not None:
@@ -209,10 +209,19 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from corpusfactory.models.demo import build_demo_models
+    from corpusfactory.models.registry import build_all
 
     s = _settings(args)
-    built = build_demo_models(s.models.models_dir, force=args.force)
-    _print_json({"generator": str(built.generator), "scorer": str(built.scorer)})
+    if args.force:
+        build_demo_models(s.models.models_dir, force=True)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    built = build_all(
+        s.models.models_dir, progress=progress, gemma=not args.toy_only, italian=not args.toy_only
+    )
+    _print_json(built)
     return 0
 
 
@@ -310,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("models", cmd_models, "Build the demo models (tiny Llama generator, tiny BERT).")
     p.add_argument("action", choices=["build-demo"], help="what to do")
-    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--force", action="store_true", help="rebuild the toy models even if cached")
+    p.add_argument(
+        "--toy-only", action="store_true", help="only the tiny test models, not Gemma/Italian"
+    )
 
     p = add("demo", cmd_demo, "Run the whole factory on the embedded stack and summarise.")
     p.add_argument("--conversations", type=int, default=24, help="conversations to generate")
@@ -405,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
+    # OpenMP threads sleep when idle instead of spinning: processes that mix torch and
+    # llama.cpp (gate, builder, server) or share the cores with workers otherwise burn
+    # them waiting (measured: a 2-thread torch step 0.27 s -> 0.03 s under load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:

@@ -548,7 +548,7 @@ def make_judge_generator(
         raise ValueError("judge.model is not set")
     model = settings.model
     if settings.backend != "openai" and model.startswith("demo:"):
-        from corpusfactory.models.demo import resolve_model
+        from corpusfactory.models.registry import resolve_model
 
         model = resolve_model(model, models_dir)
     producer = ProducerSettings(

@@ -179,7 +179,7 @@ def common_threshold(decisions: Iterable[dict[str, Any]], key: str) -> float | N
 
 def seed_nll(settings: Settings) -> list[float]:
     """NLL of every distinct seed message, scored as the scorer worker scores turns."""
-    from corpusfactory.models.demo import resolve_model
+    from corpusfactory.models.registry import resolve_model
     from corpusfactory.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds, seed_messages
 

@@ -182,7 +182,12 @@ class GenerationSettings(_Section):
 class ProducerSettings(_Section):
     """The self-chat producers (method.md §1)."""
 
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    backend: Literal["transformers", "llamacpp", "openai", "vllm"] = Field(
+        "transformers",
+        description="transformers: a local model directory in-process; llamacpp: a GGUF "
+        "file in-process on CPU (models.generator: gemma3-270m or a .gguf path); openai: "
+        "an OpenAI-compatible server; vllm: vLLM's engine in-process.",
+    )
     producer_id: str = "producer-0"
     seed_file: str | None = Field(None, description="Default: the built-in Italian seed set.")
     seed_format: Literal["auto", "jsonl", "oasst"] = "auto"
@@ -209,6 +214,27 @@ class ProducerSettings(_Section):
     openai_model: str | None = None
     openai_max_retries: int = Field(6, ge=0)
     openai_timeout_s: float = Field(60.0, gt=0.0)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="transformers backend: the weights' dtype. auto: float32 on CPU "
+        "unless the CPU computes bfloat16 natively (AVX512-BF16 or AMX) and the model "
+        "was saved in bfloat16; the saved dtype on a GPU.",
+    )
+    llamacpp_threads: int | None = Field(
+        None, ge=1, description="llamacpp backend: CPU threads (default: the usable cores)."
+    )
+    llamacpp_n_ctx: int = Field(
+        2048,
+        ge=64,
+        description="llamacpp backend: context of each sequence in tokens (prompt plus "
+        "max_new_tokens; a longer prompt keeps its end), capped at the trained context.",
+    )
+    llamacpp_batch: int | None = Field(
+        None,
+        ge=1,
+        description="llamacpp backend: sequences decoded together, each with its own "
+        "cached prompt (default: in_flight).",
+    )
     rng_seed: int = 1234
     generation: GenerationSettings = GenerationSettings()
 
@@ -358,6 +384,12 @@ class EvaluationSettings(_Section):
     )
     squad_it_shots: int = Field(3, ge=0)
     squad_it_limit: int | None = Field(None, ge=1, description="Seeded subset size; None = all.")
+    squad_it_articles: Literal["all", "scorer_heldout"] = Field(
+        "all",
+        description="Which articles evaluated questions come from. scorer_heldout: only those "
+        "the demo's Italian scorer never trained on (corpusfactory.models.italian); few-shot "
+        "examples may come from any article.",
+    )
     squad_it_max_new_tokens: int = Field(32, ge=1)
     evalita: dict[str, EvalitaFiles] = Field(
         {}, description="Task name -> {train, test} files in the official formats."

@@ -27,6 +27,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from corpusfactory import contract
 from corpusfactory.chatformat import ChatFormat
-from corpusfactory.contract import ContractError, encode
+from corpusfactory.contract import ContractError, Decision, encode
 from corpusfactory.errors import UnavailableError
 from corpusfactory.kafka_clients import aiokafka_kwargs
 from corpusfactory.metrics import ProducerMetrics
@@ -76,6 +77,9 @@ class ProducerStats:
         return d
 
 
+DecisionObserver = Callable[[Decision, str, ProducerStats], None]
+
+
 class SelfChatProducer:
     def __init__(
         self,
@@ -83,8 +87,12 @@ class SelfChatProducer:
         bootstrap: str,
         generator: Generator,
         metrics: ProducerMetrics | None = None,
+        observer: DecisionObserver | None = None,
     ) -> None:
         self.settings = settings
+        # Called with each decision applied to one of this producer's turns, the turn's
+        # text and the running stats (the demo prints progress and examples from it).
+        self.observer = observer
         self.p = settings.producer
         self.bootstrap = bootstrap
         self.generator = generator
@@ -311,6 +319,7 @@ class SelfChatProducer:
         if conv is None:
             return  # another producer's conversation, or one already closed
         sent_at = conv.pending.created_at if conv.pending else 0.0
+        text = conv.pending.text if conv.pending else ""
         outcome = conv.apply(decision)
         if outcome is Outcome.IGNORED:
             return
@@ -324,6 +333,11 @@ class SelfChatProducer:
             await self._close(producer, conv)
         else:
             self.store.save(conv)
+        if self.observer is not None:
+            try:
+                self.observer(decision, text, self.stats)
+            except Exception:  # a display must never stop the producer
+                log.exception("decision observer failed")
 
     async def _close(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
         self.store.save(conv)

@@ -95,7 +95,7 @@ class Builder:
         A failure raises; with ``keep_going`` it is recorded, counted and logged instead
         (transient errors and a failed announcement still raise), and the builds made
         before it are returned. Success clears an earlier failure record."""
-        from serving.gguf.convert import convert_hf_to_gguf
+        from serving.gguf.convert import ConverterUnavailableError, convert_hf_to_gguf
         from serving.gguf.quantize import quantize
 
         todo = self.missing(snap)
@@ -123,7 +123,14 @@ class Builder:
                 self._announce(build)
                 out.append(build)
         except Exception as exc:
-            if not keep_going or step == "announce" or is_transient(exc):
+            # A converter that cannot be fetched or run is the installation's problem,
+            # not the snapshot's: never recorded as the snapshot's failure.
+            if (
+                not keep_going
+                or step == "announce"
+                or is_transient(exc)
+                or isinstance(exc, ConverterUnavailableError)
+            ):
                 raise
             self._failed(snap, step, exc)
             return out

@@ -23,7 +23,7 @@ from kafka.structs import TopicPartition
 
 from corpusfactory.contract import BUILDS, SNAPSHOTS
 from corpusfactory.kafka_clients import kafka_python_kwargs
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.models.registry import resolve_model
 from corpusfactory.settings import Settings
 from serving.backends import load_backend
 from serving.builds import BuildStore

@@ -28,7 +28,7 @@ from corpusfactory.contract import CandidateTurn, ScoredTurn
 from corpusfactory.embedder import Embedder
 from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.models.registry import resolve_model
 from corpusfactory.scoring.calibration import seed_nll_threshold
 from corpusfactory.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds

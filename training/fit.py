@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger("corpusfactory.fit")
 
 JOB = "job.json"
 STATS = "train_stats.json"
+SENTENCEPIECE_FILES = ("tokenizer.model", "added_tokens.json")
 
 
 @dataclass
@@ -281,6 +283,13 @@ def save(
         state = None
     module.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # transformers writes neither the SentencePiece model nor added_tokens.json, which
+    # llama.cpp's converter reads for the vocabulary's scores and the role tags: without
+    # them a snapshot's GGUF would tokenize differently from its transformers twin.
+    for name in SENTENCEPIECE_FILES:
+        source = Path(job.init_from) / name
+        if source.is_file() and not (out / name).exists():
+            shutil.copyfile(source, out / name)
     pause_point("fit.save")
     (out / STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
 

@@ -4,9 +4,13 @@ The pipeline needs a causal LM to generate turns and a masked LM to score them.
 Without any model hub, ``build_demo_models`` makes both from the built-in Italian
 seed conversations in a couple of minutes on a laptop CPU:
 
-* tokenizers trained with the ``tokenizers`` library on the seed text only — a
-  byte-level BPE for the generator (with the chat role tags as unsplittable added
-  tokens) and a cased WordPiece for the scorer;
+* tokenizers trained on the seed text only: for the generator a SentencePiece BPE
+  model (``tokenizer.model``, trained with ``sentencepiece``: byte fallback, the chat
+  role tags as user-defined pieces that are never split), read by transformers as a
+  ``LlamaTokenizer``; for the scorer a cased WordPiece (``tokenizers`` library). The
+  generator's tokenizer is SentencePiece so that llama.cpp's maintained converter
+  (``serving.gguf.convert``) builds it as it builds Llama, Mistral and Gemma
+  checkpoints, and llama.cpp then tokenizes exactly as transformers does;
 * ``generator``: a small ``LlamaForCausalLM`` trained on the seed conversations in
   the chat format (``[|Umano|]`` / ``[|Assistente|]``), one ``</s>`` after each;
 * ``scorer``: a small ``BertForMaskedLM`` trained with standard 15% masking on the
@@ -51,7 +55,8 @@ from corpusfactory.errors import ModelError
 log = logging.getLogger(__name__)
 
 # Bump whenever the build changes in a way the hyper-parameters do not show.
-BUILDER_VERSION = "2"
+# 3: the generator's tokenizer is a SentencePiece BPE model (was a byte-level BPE).
+BUILDER_VERSION = "3"
 
 MARKER = "COMPLETE"
 DEMO_PREFIX = "demo:"
@@ -71,8 +76,7 @@ _SCORER_ALPHABET = (
 class GeneratorHParams:
     """The generator's tokenizer, architecture and training schedule."""
 
-    vocab_size: int = 3000
-    min_frequency: int = 2
+    vocab_size: int = 3000  # an upper bound: SentencePiece stops when no merge is left
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 2  # head_dim 64: vLLM supports it, not 16 or 32
@@ -383,39 +387,155 @@ def _message_texts(convs: Sequence[Sequence[Message]]) -> list[str]:
 # -- generator ----------------------------------------------------------------------
 
 
-def _generator_tokenizer(texts: list[str], hp: GeneratorHParams, fmt: ChatFormat) -> Any:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.trainers import BpeTrainer
-    from transformers import PreTrainedTokenizerFast
+def chat_template(fmt: ChatFormat | None = None) -> str:
+    """A Jinja chat template that renders messages as ``ChatFormat`` does.
 
-    specials = ["<s>", "</s>", "<unk>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=hp.vocab_size,
-        min_frequency=hp.min_frequency,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    Each user/assistant message becomes ``TAG text`` (text stripped), turns are joined
+    by newlines, and ``add_generation_prompt`` appends a newline and the assistant tag
+    (as ``ChatFormat.prompt`` does). Other roles (system) are skipped: the format has
+    none. The generator's tokenizer carries it (``chat_template.jinja``), so
+    transformers' ``apply_chat_template`` and the GGUF builds (llama.cpp's converter
+    copies it into ``tokenizer.chat_template``) render the project's chat format.
+    """
+    fmt = fmt or ChatFormat()
+    user, assistant = json.dumps(fmt.user_tag), json.dumps(fmt.assistant_tag)
+    return (
+        "{%- set ns = namespace(first=true) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] in ['user', 'assistant'] -%}"
+        "{%- if not ns.first %}{{ '\\n' }}{% endif -%}"
+        f"{{%- if message['role'] == 'user' %}}{{{{ {user} }}}}"
+        f"{{%- else %}}{{{{ {assistant} }}}}{{%- endif -%}}"
+        "{{ ' ' + (message['content'] | trim) }}"
+        "{%- set ns.first = false -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{%- if not ns.first %}{{ '\\n' }}{% endif -%}"
+        f"{{{{ {assistant} }}}}"
+        "{%- endif -%}"
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens(
-        [AddedToken(t, normalized=False, special=False) for t in (fmt.user_tag, fmt.assistant_tag)]
-    )
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        model_max_length=hp.max_positions,
-        clean_up_tokenization_spaces=False,
-    )
+
+
+@dataclass(frozen=True)
+class ChatTokenizer:
+    """A SentencePiece model for the chat format and transformers' tokenizer read from it.
+
+    ``model`` is the serialized SentencePiece model (``tokenizer.model``); ``hf`` the
+    ``LlamaTokenizer`` transformers builds from it (BOS added, no EOS, no prefix space).
+    """
+
+    model: bytes
+    hf: Any
+
+    def save(self, out: Path) -> None:
+        """Write a directory that transformers and llama.cpp's converter both read.
+
+        ``save_pretrained`` writes ``tokenizer.json``, ``tokenizer_config.json`` and
+        ``chat_template.jinja``; transformers 5 writes no ``tokenizer.model``, which the
+        converter reads the vocabulary and merge scores from, so it is written here,
+        with ``added_tokens.json`` naming the role tags: the converter marks the pieces
+        it lists user-defined, which llama.cpp never splits (a user-defined piece of the
+        SentencePiece model alone would become a normal token).
+        """
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(out)
+        (out / "tokenizer.model").write_bytes(self.model)
+        tags = {
+            tok.content: idx for idx, tok in self.hf.added_tokens_decoder.items() if not tok.special
+        }
+        (out / "added_tokens.json").write_text(
+            json.dumps(tags, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
+        )
+
+
+def train_chat_tokenizer(
+    texts: Sequence[str],
+    vocab_size: int,
+    fmt: ChatFormat | None = None,
+    *,
+    max_length: int = 512,
+) -> ChatTokenizer:
+    """Train a SentencePiece BPE tokenizer for the chat format on ``texts``.
+
+    Byte fallback (no text is ever unknown); ``<unk>``, ``<s>``, ``</s>``, ``<pad>`` at
+    ids 0-3 and the role tags as user-defined pieces right after them (never split);
+    no normalization and no dummy prefix, so that transformers (a ``Metaspace``
+    pre-tokenizer that never prepends) and llama.cpp (``add_space_prefix`` false, read
+    from ``add_prefix_space`` by the converter) split every text alike, text after a
+    role tag included. ``vocab_size`` is an upper bound: a small corpus gives fewer
+    pieces. Deterministic: one trainer thread, the texts in their order.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    fmt = fmt or ChatFormat()
+    if not texts:
+        raise ModelError("no text to train the generator's tokenizer on")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buf,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            character_coverage=1.0,
+            split_digits=True,
+            user_defined_symbols=[fmt.user_tag, fmt.assistant_tag],
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            max_sentence_length=1 << 16,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+            # The special pieces as Llama lays them out, plus a padding piece.
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            pad_piece="<pad>",
+        )
+    except RuntimeError as exc:
+        raise ModelError(f"cannot train the generator's SentencePiece tokenizer: {exc}") from exc
+    model = buf.getvalue()
+    # transformers builds its tokenizer from a tokenizer.model in a directory.
+    with tempfile.TemporaryDirectory(prefix="spm-") as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(model)
+        hf = LlamaTokenizer.from_pretrained(
+            tmp,
+            add_prefix_space=False,
+            legacy=False,
+            add_bos_token=True,
+            add_eos_token=False,
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            model_max_length=max_length,
+            clean_up_tokenization_spaces=False,
+        )
+    # The conversion lists every piece but <unk> as an extra special token; the role tags
+    # are plain added tokens (kept when decoding with skip_special_tokens), as before.
+    hf.extra_special_tokens = []
+    for key in ("is_local", "local_files_only"):  # about the temporary directory
+        hf.init_kwargs.pop(key, None)
+    hf.chat_template = chat_template(fmt)
+    for tag in (fmt.user_tag, fmt.assistant_tag):
+        if len(hf(tag, add_special_tokens=False)["input_ids"]) != 1:
+            raise ModelError(f"the generator's tokenizer splits the role tag {tag!r}")
+    return ChatTokenizer(model=model, hf=hf)
+
+
+def _generator_tokenizer(texts: list[str], hp: GeneratorHParams, fmt: ChatFormat) -> ChatTokenizer:
+    return train_chat_tokenizer(texts, hp.vocab_size, fmt, max_length=hp.max_positions)
 
 
 def _generator_stream(
@@ -463,7 +583,8 @@ def _build_generator(
 
     started = time.perf_counter()
     fmt = ChatFormat()
-    tokenizer = _generator_tokenizer(_message_texts(convs), hp, fmt)
+    chat_tokenizer = _generator_tokenizer(_message_texts(convs), hp, fmt)
+    tokenizer = chat_tokenizer.hf
     stream = _generator_stream(convs, tokenizer, fmt, hp.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -503,7 +624,7 @@ def _build_generator(
     out.mkdir(parents=True)
     with _no_progress_bars():
         model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    chat_tokenizer.save(out)
     return {
         "model": "generator",
         "architecture": "LlamaForCausalLM",

@@ -145,7 +145,7 @@ class MLMScorer:
             raise ValueError(f"granularity must be 'message' or 'sentence', not {granularity!r}")
         name = str(model)
         if name.startswith("demo:"):
-            from corpusfactory.models.demo import resolve_model
+            from corpusfactory.models.registry import resolve_model
 
             name = resolve_model(name)
         self.id = name

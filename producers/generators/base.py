@@ -2,9 +2,11 @@
 
 A generator turns a batch of prompts into their raw continuations. It is
 BLOCKING: the producer calls ``generate`` in an executor thread, never on the
-event loop. Three backends exist:
+event loop. Four backends exist:
 
 * ``transformers`` (:mod:`producers.generators.hf`): a local causal LM in-process;
+* ``llamacpp`` (:mod:`producers.generators.llamacpp`): a GGUF file in-process on CPU
+  with llama.cpp, the prompts of a call decoded together;
 * ``openai`` (:mod:`producers.generators.openai_compat`): any OpenAI-compatible
   ``/completions`` server (vLLM, llama.cpp server, ...);
 * ``vllm`` (:mod:`producers.generators.vllm_engine`): vLLM's offline engine in-process.
@@ -23,6 +25,7 @@ from corpusfactory.settings import GenerationSettings, ProducerSettings
 # backend -> (modules it imports, the command that installs them)
 _REQUIREMENTS: dict[str, tuple[tuple[str, ...], str]] = {
     "transformers": (("torch", "transformers"), "pip install torch transformers"),
+    "llamacpp": (("llama_cpp",), "pip install llama-cpp-python"),
     "openai": (("httpx",), "pip install httpx"),
     "vllm": (("vllm",), "pip install vllm"),
 }
@@ -92,16 +95,27 @@ def make_generator(settings: ProducerSettings, model: str, device: str) -> Gener
     """Build the generator that ``settings.backend`` names.
 
     ``model`` is a local model directory for ``transformers`` and ``vllm`` (or a hub
-    id vLLM can resolve), and the served model name for ``openai`` unless
+    id vLLM can resolve), a ``.gguf`` file for ``llamacpp`` (resolve a model name
+    with ``form="gguf"``), and the served model name for ``openai`` unless
     ``settings.openai_model`` is set. ``device`` is a torch device for
-    ``transformers``; the other backends ignore it (the server or vLLM decides).
+    ``transformers``; the other backends ignore it (the server, llama.cpp on CPU or
+    vLLM decides).
     """
     backend = settings.backend
     require_backend(backend)
     if backend == "transformers":
         from producers.generators.hf import HFGenerator
 
-        return HFGenerator(model, device=device)
+        return HFGenerator(model, device=device, dtype=settings.dtype)
+    if backend == "llamacpp":
+        from producers.generators.llamacpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(
+            model,
+            threads=settings.llamacpp_threads,
+            n_ctx=settings.llamacpp_n_ctx,
+            batch=settings.llamacpp_batch or settings.in_flight,
+        )
     if backend == "openai":
         from producers.generators.openai_compat import OpenAICompatGenerator
 

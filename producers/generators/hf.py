@@ -4,10 +4,17 @@ Prompts are left-padded and generated as one batch. Sampling is reproducible:
 each call seeds torch's RNG with a seed derived from ``params.seed`` and a call
 counter, inside ``torch.random.fork_rng`` so the process-wide RNG is left as it
 was. One call runs at a time (a lock), since the RNG fork is process-wide.
+
+The weights' dtype is ``producer.dtype``: ``auto`` keeps float32 on a CPU unless it
+computes bfloat16 natively (AVX512-BF16 or AMX flags) and the model was saved in
+bfloat16 (Gemma); elsewhere it is the saved dtype. On a CPU without those
+instructions bfloat16 matrix multiplies are converted, not faster (see
+``docs/benchmarks.md``), so ``bfloat16`` there only halves the memory.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,11 +23,54 @@ from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import GenerationSettings
 from producers.generators.base import cut_at_stop, derive_seed
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def saved_dtype(path: Path) -> str | None:
+    """The dtype a model directory's config.json says its weights were saved in."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value) if value else None
+
+
+def choose_dtype(dtype: str, device_type: str, saved: str | None, native_bf16: bool) -> str:
+    """The dtype to load with: ``float32``, ``bfloat16`` or ``auto`` (the saved one)."""
+    if dtype not in DTYPES:
+        raise GeneratorError(f"transformers generator: unknown dtype {dtype!r}; use {DTYPES}")
+    if dtype != "auto":
+        return dtype
+    if device_type != "cpu":
+        return "auto"
+    return "bfloat16" if saved == "bfloat16" and native_bf16 else "float32"
+
 
 class HFGenerator:
     """A transformers ``AutoModelForCausalLM`` loaded from a local directory."""
 
-    def __init__(self, model_path: str, device: str = "cpu", *, use_stop_criteria: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        *,
+        use_stop_criteria: bool = True,
+        dtype: str = "auto",
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,10 +85,17 @@ class HFGenerator:
         except RuntimeError as exc:
             raise GeneratorError(f"transformers generator: bad device {device!r}: {exc}") from None
         model: Any
+        chosen = choose_dtype(
+            dtype,
+            self._device.type,
+            saved_dtype(path),
+            self._device.type == "cpu" and cpu_has_native_bf16(),
+        )
+        self.dtype = chosen
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
-            dtype: Any = torch.float32 if self._device.type == "cpu" else "auto"
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            load_dtype: Any = chosen if chosen == "auto" else getattr(torch, chosen)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=load_dtype)
         except (OSError, ValueError) as exc:
             raise GeneratorError(f"transformers generator: cannot load {path}: {exc}") from exc
         tok.padding_side = "left"

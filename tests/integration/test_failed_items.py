@@ -48,8 +48,8 @@ pytestmark = pytest.mark.integration
 EVALITA = Path(__file__).resolve().parent.parent / "fixtures" / "evalita"
 
 
-def qwen(config: dict[str, Any]) -> None:
-    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+def opt(config: dict[str, Any]) -> None:
+    config.update(architectures=["OPTForCausalLM"], model_type="opt")
 
 
 def add_snapshot(
@@ -125,7 +125,7 @@ def test_builder_records_a_refused_snapshot_and_builds_the_next(
     store = SnapshotStore(settings.snapshots_path)
     group = f"{topic_prefix}{settings.serving.builder_group_id}"
     commit_at_end(kafka_bootstrap, group, settings.topic(SNAPSHOTS))
-    first_bad = add_snapshot(store, 1, built_models.generator, qwen)  # found by the catch-up
+    first_bad = add_snapshot(store, 1, built_models.generator, opt)  # found by the catch-up
 
     metrics = BuilderMetrics()
     builder = Builder(settings, kafka_bootstrap, metrics)
@@ -136,7 +136,7 @@ def test_builder_records_a_refused_snapshot_and_builds_the_next(
     try:
         wait_for(lambda: builder.failures.failed(first_bad.id), 120, "the first failure")
         # Announced while following: a refused snapshot, then a good one behind it.
-        second_bad = add_snapshot(store, 2, built_models.generator, qwen)
+        second_bad = add_snapshot(store, 2, built_models.generator, opt)
         announce(kafka_bootstrap, settings, second_bad)
         good = add_snapshot(store, 3, built_models.generator)
         announce(kafka_bootstrap, settings, good)
@@ -153,7 +153,7 @@ def test_builder_records_a_refused_snapshot_and_builds_the_next(
     assert set(records) == {first_bad.id, second_bad.id}
     for snap_id, rec in records.items():
         assert rec["reason"] == "convert" and rec["error_type"] == "ConversionError"
-        assert "unsupported architecture Qwen2ForCausalLM" in rec["error"]
+        assert "OPTForCausalLM is not supported" in rec["error"]
         assert rec["snapshot"] == snap_id
         assert (settings.builds_path / f"{snap_id}.failure").is_file()
     assert build_failures(metrics, "convert") == 2.0
@@ -174,7 +174,7 @@ def test_builder_records_a_refused_snapshot_and_builds_the_next(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "unsupported architecture Qwen2ForCausalLM" in err
+    assert "OPTForCausalLM is not supported" in err
     assert main(["build", "--once", "--no-announce", "--config", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == []
 

@@ -289,3 +289,21 @@ def test_rescore_rejects_repeated_ids(tmp_path: Path) -> None:
     path.write_text(f"{row}\n{row}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="more than once"):
         rescore_predictions(path)
+
+
+def test_scorer_heldout_articles_only() -> None:
+    from corpusfactory.models.italian import is_heldout_article
+    from corpusfactory.settings import SQUAD_IT_SHIPPED
+    from training.evaluation.squad_it import article_filter
+
+    items = load_squad(SQUAD_IT_SHIPPED)
+    keep = article_filter("scorer_heldout")
+    assert article_filter("all") is None and keep is is_heldout_article
+    chosen = select_items(items, 40, 3, keep)
+    assert len(chosen) == 40 and all(is_heldout_article(i.title) for i in chosen)
+    # some of the shipped articles are held out, most are not
+    titles = {i.title for i in items}
+    held = {t for t in titles if is_heldout_article(t)}
+    assert 0 < len(held) < len(titles) / 2
+    with pytest.raises(ValueError, match="squad_it_articles"):
+        article_filter("some")

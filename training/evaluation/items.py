@@ -28,9 +28,14 @@ def evaluation_items(settings: Settings, min_chars: int = 20) -> list[tuple[str,
     e = settings.evaluation
     items: dict[str, str] = {}
     if "squad_it" in e.tasks and e.squad_it_path:
-        from training.evaluation.squad_it import load_squad, select_items
+        from training.evaluation.squad_it import article_filter, load_squad, select_items
 
-        chosen = select_items(load_squad(e.squad_it_path), e.squad_it_limit, e.seed)
+        chosen = select_items(
+            load_squad(e.squad_it_path),
+            e.squad_it_limit,
+            e.seed,
+            article_filter(e.squad_it_articles),
+        )
         for item in chosen:
             items[f"eval:squad_it:q:{item.id}"] = item.question
             for sentence in _SENTENCE_END.split(item.context):

@@ -35,7 +35,7 @@ from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.errors import UsageError, is_transient
 from corpusfactory.failures import FailureRecords
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.models.registry import resolve_model
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from training.data import TrainingConversation, read_jsonl
@@ -187,7 +187,7 @@ class Evaluator:
     def _run(self, task: str, model_id: str, lm: CausalLM, out_dir: Path) -> dict[str, Any]:
         e = self.e
         if task == "squad_it":
-            from training.evaluation.squad_it import evaluate_squad_it
+            from training.evaluation.squad_it import article_filter, evaluate_squad_it
 
             assert e.squad_it_path is not None  # checked by the settings
             return evaluate_squad_it(
@@ -198,6 +198,7 @@ class Evaluator:
                 limit=e.squad_it_limit,
                 seed=e.seed,
                 max_new_tokens=e.squad_it_max_new_tokens,
+                articles=article_filter(e.squad_it_articles),
                 fmt=self.fmt,
             )
         if task in ("ami2020", "ironita2018", "sentipolc2014"):

@@ -41,7 +41,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,10 +120,31 @@ def load_squad(path: str | Path) -> list[SquadItem]:
     return items
 
 
-def select_items(items: Sequence[SquadItem], limit: int | None, seed: int) -> list[SquadItem]:
-    """All items, or a seeded random subset of ``limit`` of them in their original order."""
+def article_filter(articles: str) -> Callable[[str], bool] | None:
+    """The title test for ``evaluation.squad_it_articles`` (None: every article)."""
+    if articles == "all":
+        return None
+    if articles == "scorer_heldout":
+        from corpusfactory.models.italian import is_heldout_article
+
+        return is_heldout_article
+    raise ValueError(f"unknown squad_it_articles {articles!r}: use 'all' or 'scorer_heldout'")
+
+
+def select_items(
+    items: Sequence[SquadItem],
+    limit: int | None,
+    seed: int,
+    articles: Callable[[str], bool] | None = None,
+) -> list[SquadItem]:
+    """All items, or a seeded random subset of ``limit`` of them in their original order.
+
+    ``articles`` keeps only the items whose article title it accepts, before the draw.
+    """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if articles is not None:
+        items = [item for item in items if articles(item.title)]
     if limit is None or limit >= len(items):
         return list(items)
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
@@ -244,13 +265,14 @@ def evaluate_squad_it(
     seed: int = 0,
     max_new_tokens: int = 32,
     fmt: ChatFormat = ChatFormat(),
+    articles: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Run SQuAD-it k-shot on ``lm``; write the predictions JSONL and return the scores."""
     if shots < 0 or max_new_tokens < 1:
         raise ValueError(f"need shots >= 0 and max_new_tokens >= 1, got {shots}, {max_new_tokens}")
     started = time.monotonic()
     pool = load_squad(path)
-    items = select_items(pool, limit, seed)
+    items = select_items(pool, limit, seed, articles)
     sampler = ShotSampler(pool, seed)
     prompts: list[str] = []
     reduced = truncated = 0
