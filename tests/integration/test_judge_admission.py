@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,15 +96,24 @@ def pick_case(settings: Settings) -> JudgeCase:
         judge = Judge.from_settings(settings.judge, gen)
         pairs, scores, raws, used = {}, {}, {}, set()
         tried: dict[str, list[str]] = {}
-        for outcome, ending in ENDINGS.items():
-            names = [n for n in POOL if n not in used]
-            rated = judge.rate([(POOL[n][0], POOL[n][1] + ending) for n in names])
-            tried[outcome] = [r.raw for r in rated]
-            for name, r in zip(names, rated, strict=True):
-                if _outcome(r.score) == outcome:
-                    used.add(name)
-                    pairs[outcome] = (POOL[name][0], POOL[name][1] + ending)
-                    scores[outcome], raws[outcome] = r.score, r.raw
+        # Each ending is tried on every pair; an outcome takes the first pair (not yet
+        # used) that some ending makes the judge rate that way, that ending's own first.
+        order = {o: [ENDINGS[o], *(e for k, e in ENDINGS.items() if k != o)] for o in ENDINGS}
+        rated_by: dict[str, list[Any]] = {}
+        for ending in ENDINGS.values():
+            rated_by[ending] = judge.rate([(POOL[n][0], POOL[n][1] + ending) for n in POOL])
+            tried[ending] = [r.raw for r in rated_by[ending]]
+        for outcome in ENDINGS:
+            found = False
+            for ending in order[outcome]:
+                for name, r in zip(POOL, rated_by[ending], strict=True):
+                    if name not in used and _outcome(r.score) == outcome:
+                        used.add(name)
+                        pairs[outcome] = (POOL[name][0], POOL[name][1] + ending)
+                        scores[outcome], raws[outcome] = r.score, r.raw
+                        found = True
+                        break
+                if found:
                     break
     finally:
         gen.close()
