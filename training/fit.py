@@ -294,6 +294,32 @@ def save(
     (out / STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
 
 
+PARENT_ENV = "CORPUSFACTORY_FIT_PARENT"
+
+
+def die_with_parent() -> None:
+    """Die when the trainer that started this process dies (``PARENT_ENV`` names it).
+
+    Set here, in the child, rather than by a ``preexec_fn`` in the trainer: Python code
+    between fork and exec in a process that has loaded gRPC (pymilvus) can abort the
+    child (seen: "epoll_wait error: Bad file descriptor", status -6). A trainer gone
+    before this runs is caught by comparing the parent's pid.
+    """
+    want = os.environ.get(PARENT_ENV)
+    if not want:
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # Started by the trainer itself: its pid must still be our parent. Under a launcher
+    # (deepspeed) the parent is the launcher, which dies with the trainer in turn.
+    parent = os.getppid()
+    if parent == 1 or (os.environ.get("LOCAL_RANK") is None and parent != int(want)):
+        os._exit(1)
+
+
 def cli(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -301,6 +327,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("job_dir", type=Path, help="directory holding job.json and its data")
     parser.add_argument("--local_rank", type=int, default=None, help="set by some launchers")
     args = parser.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(
         level=os.environ.get("CORPUSFACTORY_LOG", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

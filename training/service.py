@@ -40,12 +40,10 @@ publication does (a restart resumes from the published manifest).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -81,7 +79,7 @@ from training.data import (
     split,
     write_jsonl,
 )
-from training.fit import JOB, STATS
+from training.fit import JOB, PARENT_ENV, STATS
 from training.snapshots import CONVERSATIONS, HELDOUT, MANIFEST, Snapshot, SnapshotStore
 from training.trigger import TriggerPolicy
 
@@ -116,12 +114,6 @@ class Pending:
             )
             == "train"
         )
-
-
-def _die_with_parent() -> None:
-    # The fit child must not outlive a killed trainer and keep writing a staging dir.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Trainer:
@@ -603,12 +595,11 @@ def run_fit(cmd: list[str], job_dir: Path, staging: Path) -> dict[str, Any]:
     """Run ``training.fit`` as a child process (it dies with us); return its stats."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir()))
+    # The child dies with us (it sets that up itself: see training.fit.die_with_parent).
+    env[PARENT_ENV] = str(os.getpid())
     log_path = job_dir / "fit.log"
     with log_path.open("w", encoding="utf-8") as out:
-        proc = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
-            check=False,
-        )  # fmt: skip
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise TrainingError(
