@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup venv jars models system demo test test-fast check format clean-state
+.PHONY: setup venv jars models system demo demo-toy test test-fast check format clean-state
 
 setup: venv jars models system
 
@@ -117,7 +117,12 @@ models: venv
 	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null
 	@$(PY) -m serving.gguf.convert --fetch >/dev/null
 
+# The demo on the real models (Gemma 3 270M, the Italian scorer); demo-toy runs the same
+# factory on the tiny test models (about 3.5 min).
 demo: setup
+	$(VENV)/bin/corpusfactory demo --config configs/demo-gemma.yaml
+
+demo-toy: setup
 	$(VENV)/bin/corpusfactory demo --config configs/demo.yaml
 
 # The tests run under the cached environment's own interpreter, not the checkout's

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.errors import UsageError
 from corpusfactory.settings import load_settings
 
 
@@ -479,8 +480,33 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_generators(args: argparse.Namespace) -> dict[str, Any]:
+    """Turns/s of the generator backends on Gemma 3 270M (``bench_generators.run``)."""
+    from corpusfactory import bench_generators
+
+    s = load_settings(args.config)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batches {args.batches!r}: give positive sizes, like 1,8")
+    unknown = sorted(set(backends) - set(bench_generators.BACKENDS))
+    if unknown or not backends:
+        raise UsageError(
+            f"--backends {args.backends!r}: choose from {', '.join(bench_generators.BACKENDS)}"
+        )
+    return bench_generators.run(
+        s,
+        backends=backends,
+        batches=batches,
+        rounds=args.rounds,
+        threads=args.threads,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+
+
 def run_bench(args: argparse.Namespace) -> int:
     fn = {
+        "generators": bench_generators,
         "scorer": bench_scorer,
         "pipeline": bench_pipeline,
         "train": bench_train,

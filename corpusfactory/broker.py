@@ -49,11 +49,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.cache import cache_root as default_cache_root
 from corpusfactory.errors import BrokerError, JavaMissingError
 
 HOST = "127.0.0.1"
 POM_PATH = Path(__file__).resolve().parent.parent / "broker" / "pom.xml"
-CACHE_ENV = "CORPUSFACTORY_CACHE"
 JVM_OPTS_ENV = "CORPUSFACTORY_BROKER_JVM_OPTS"
 COMPLETE_MARKER = "COMPLETE"
 JAVA_MISSING_MESSAGE = (
@@ -86,12 +86,6 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 # --------------------------------------------------------------------------- jars
 
 
-def cache_root_dir() -> Path:
-    """The corpusfactory cache directory (``$CORPUSFACTORY_CACHE`` or ~/.cache/corpusfactory)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "corpusfactory"
-
-
 def ensure_jars(cache_root: Path | None = None) -> Path:
     """The directory holding the broker's classpath, downloading it on first use."""
     if not POM_PATH.is_file():
@@ -99,7 +93,7 @@ def ensure_jars(cache_root: Path | None = None) -> Path:
     pom_bytes = POM_PATH.read_bytes()
     # Keyed by the pom's content, so a version bump gets a fresh classpath.
     digest = hashlib.sha256(pom_bytes).hexdigest()
-    base = Path(cache_root or cache_root_dir()) / "kafka" / digest[:16]
+    base = Path(cache_root or default_cache_root()) / "kafka" / digest[:16]
     libs = base / "libs"
     marker = base / COMPLETE_MARKER
     if marker.is_file() and libs.is_dir():

@@ -228,9 +228,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from corpusfactory.demo import run_demo
 
-    return run_demo(
-        _settings(args), args.conversations, args.keep_running, train=not args.no_training
-    )
+    s = _settings(args)
+    conversations = args.conversations or s.producer.conversations or 24
+    return run_demo(s, conversations, args.keep_running, train=not args.no_training)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -325,7 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("demo", cmd_demo, "Run the whole factory on the embedded stack and summarise.")
-    p.add_argument("--conversations", type=int, default=24, help="conversations to generate")
+    p.add_argument(
+        "--conversations",
+        type=int,
+        default=None,
+        help="conversations to generate (default: the profile's producer.conversations, "
+        "or 24 when that is 0)",
+    )
     p.add_argument("--keep-running", action="store_true", help="leave the broker running")
     p.add_argument("--no-training", action="store_true", help="skip the snapshot and evaluation")
 
@@ -341,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_report(add, _settings)
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON.")
-    p.add_argument("what", choices=["pipeline", "scorer", "serve", "train"], help="which benchmark")
+    p.add_argument(
+        "what",
+        choices=["pipeline", "scorer", "serve", "train", "generators"],
+        help="which benchmark",
+    )
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--conversations", type=int, default=12, help="pipeline: conversations")
     p.add_argument("--messages", type=int, default=256, help="scorer: messages to score")
@@ -359,6 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=256, help="serve: prompt length")
     p.add_argument("--decode-tokens", type=int, default=128, help="serve: tokens decoded")
     p.add_argument("--repeats", type=int, default=3, help="serve: runs of each, best kept")
+    p.add_argument(
+        "--backends",
+        default="llamacpp,transformers-float32,transformers-bfloat16",
+        help="generators: backends, comma-separated",
+    )
+    p.add_argument("--batches", default="1,8", help="generators: batch sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=3, help="generators: turns per conversation")
+    p.add_argument(
+        "--threads", type=int, help="generators: llama.cpp and torch threads (default: cores)"
+    )
     return parser
 
 

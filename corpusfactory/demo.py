@@ -245,8 +245,17 @@ def run_training(settings: Settings) -> dict[str, Any]:
 DEMO_QUESTION = "Ciao! Mi consigli un libro da leggere questa estate?"
 
 
-def _chat_once(settings: Settings) -> dict[str, str] | None:
-    """One answer from the newest published build of serving.quant, as `chat` gives it."""
+CHAT_TRIES = 3
+
+
+def _chat_once(settings: Settings) -> dict[str, Any] | None:
+    """One answer from the newest published build of serving.quant, as `chat` gives it.
+
+    Sampled as `corpusfactory chat` samples (serving.temperature), seeds 0, 1, 2 in
+    turn until the answer is not empty: greedy decoding makes a barely tuned base
+    model repeat the question, and a sample that opens with a blank line is cut there
+    (a turn is one line). ``tries`` says how many samples it took.
+    """
     import io
 
     from corpusfactory.chatformat import ChatFormat
@@ -259,12 +268,21 @@ def _chat_once(settings: Settings) -> dict[str, str] | None:
         return None
     fmt = ChatFormat(settings.producer.user_tag, settings.producer.assistant_tag)
     backend = open_model(settings, None)
+    answer, tries = "", 0
     try:
-        params = GenerationParams(max_tokens=48, temperature=0.0, stop=chat_stops(fmt, ()))
-        answer = reply(backend, [("user", DEMO_QUESTION)], fmt, params, io.StringIO())
+        while not answer and tries < CHAT_TRIES:
+            params = GenerationParams(
+                max_tokens=48,
+                temperature=settings.serving.temperature,
+                top_p=0.95,
+                stop=chat_stops(fmt, ()),
+                seed=tries,
+            )
+            tries += 1
+            answer = reply(backend, [("user", DEMO_QUESTION)], fmt, params, io.StringIO())
     finally:
         backend.close()
-    return {"model": backend.id, "question": DEMO_QUESTION, "answer": answer}
+    return {"model": backend.id, "question": DEMO_QUESTION, "answer": answer, "tries": tries}
 
 
 def _training_summary(result: dict[str, Any]) -> str:
@@ -290,7 +308,10 @@ def _training_summary(result: dict[str, Any]) -> str:
         lines.append(f"  build of {snap_id} failed at {rec.get('reason')}: {rec.get('error')}")
     chat = result["chat"]
     if chat:
-        lines += [f"  chat ({chat['model']})", f"    > {chat['question']}", f"    {chat['answer']}"]
+        tries = chat.get("tries", 1)
+        note = f", sample {tries} of {CHAT_TRIES}: the earlier ones were empty" if tries > 1 else ""
+        answer = chat["answer"] or "(empty: every sample opened with a blank line)"
+        lines += [f"  chat ({chat['model']}{note})", f"    > {chat['question']}", f"    {answer}"]
     lines += [f"  timing (s)                  {result['timing_s']}", "", result["table"], ""]
     return "\n".join(lines)
 

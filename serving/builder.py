@@ -92,9 +92,10 @@ class Builder:
     def build(self, snap: Snapshot, keep_going: bool = False) -> list[Build]:
         """Convert, quantize and gate what is missing for ``snap``; return the new builds.
 
-        A failure raises; with ``keep_going`` it is recorded, counted and logged instead
-        (transient errors and a failed announcement still raise), and the builds made
-        before it are returned. Success clears an earlier failure record."""
+        The files are gated together, in one pass of the full model. A failure raises;
+        with ``keep_going`` it is recorded, counted and logged instead (transient errors
+        and a failed announcement still raise), and the builds announced before it are
+        returned. Success clears an earlier failure record."""
         from serving.gguf.convert import ConverterUnavailableError, convert_hf_to_gguf
         from serving.gguf.quantize import quantize
 
@@ -111,14 +112,18 @@ class Builder:
                 step = "convert"
                 log.info("converting %s to GGUF f16", snap.id)
                 convert_hf_to_gguf(snap.path, f16, out_type="f16")
+            started = time.perf_counter()
+            paths: dict[str, Path] = {}
             for quant in todo:
-                started = time.perf_counter()
-                path = f16 if quant == "F16" else self.builds.gguf_path(snap.id, quant)
+                paths[quant] = f16 if quant == "F16" else self.builds.gguf_path(snap.id, quant)
                 if quant != "F16":
                     step = "quantize"
-                    quantize(f16, path, quant)
-                step = "gate"
-                build = self._gated(snap, quant, path, texts, text_source, started)
+                    quantize(f16, paths[quant], quant)
+            # One gate pass for all the files: the full model runs once per gate text.
+            step = "gate"
+            figures = self._gate(snap, paths, texts, text_source)
+            for quant in todo:
+                build = self._record(snap, quant, figures[quant], started)
                 step = "announce"
                 self._announce(build)
                 out.append(build)
@@ -137,21 +142,25 @@ class Builder:
         self.failures.clear(snap.id)
         return out
 
-    def _gated(
-        self,
-        snap: Snapshot,
-        quant: str,
-        path: Path,
-        texts: list[str],
-        text_source: str,
-        started: float,
-    ) -> Build:
-        """Gate one GGUF file against the snapshot and record it as a build."""
-        from serving.gguf.gate import gate
+    def _gate(
+        self, snap: Snapshot, paths: dict[str, Path], texts: list[str], text_source: str
+    ) -> dict[str, dict[str, Any]]:
+        """Gate the GGUF files of ``snap`` (quant -> path) against it in one pass."""
+        from serving.gguf.gate import gate_many
 
-        budget = self.s.serving.gate_budgets[quant]
-        figures = gate(snap.path, path, texts, budget, max_tokens=self.s.serving.gate_max_tokens)
-        figures["text_source"] = text_source
+        budgets = self.s.serving.gate_budgets
+        figures = gate_many(
+            snap.path,
+            {quant: (path, budgets[quant]) for quant, path in paths.items()},
+            texts,
+            max_tokens=self.s.serving.gate_max_tokens,
+        )
+        for f in figures.values():
+            f["text_source"] = text_source
+        return figures
+
+    def _record(self, snap: Snapshot, quant: str, figures: dict[str, Any], started: float) -> Build:
+        """Record one gated GGUF file as a build (published when it passed its gate)."""
         build = self.builds.record(
             snap.id,
             quant,
@@ -159,6 +168,8 @@ class Builder:
                 "gate": figures,
                 "published": bool(figures["passed"]),
                 "built_at": time.time(),
+                # quantizing and gating are shared by the snapshot's files: the time
+                # from the first quantization to this record
                 "build_seconds": round(time.perf_counter() - started, 3),
             },
         )

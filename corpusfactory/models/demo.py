@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +46,7 @@ from typing import Any
 
 import torch
 
+from corpusfactory.cache import MARKER, cached_build, models_root
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.errors import ModelError
 
@@ -58,7 +56,6 @@ log = logging.getLogger(__name__)
 # 3: the generator's tokenizer is a SentencePiece BPE model (was a byte-level BPE).
 BUILDER_VERSION = "3"
 
-MARKER = "COMPLETE"
 DEMO_PREFIX = "demo:"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -140,9 +137,7 @@ def default_seed_file() -> Path:
 
 def default_models_dir() -> Path:
     """``$CORPUSFACTORY_CACHE/models``, by default ``~/.cache/corpusfactory/models``."""
-    base = os.environ.get("CORPUSFACTORY_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "corpusfactory"
-    return root / "models"
+    return models_root()
 
 
 def _scaled(steps: int, scale: float) -> int:
@@ -204,30 +199,13 @@ def build_demo_models(
     seed_bytes = _read_seed_bytes(seed_path)
     gen_hp, sco_hp = _hparams(steps_scale)
     key = build_key(seed_bytes, gen_hp, sco_hp)
-    base = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
-    root = base / key
+    root = models_root(models_dir) / key
     result = DemoModels(generator=root / "generator", scorer=root / "scorer", root=root, key=key)
-    if not force and (root / MARKER).is_file():
-        return result
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(f"cannot create the demo model directory {base}: {exc}") from exc
-    with _locked(base / f".{key}.lock"):
-        # Another process may have finished this build while we waited for the lock.
-        if not force and (root / MARKER).is_file():
-            return result
-        for stale in base.glob(f".tmp-{key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted build
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
-        try:
-            _build_into(tmp, seed_path, seed_bytes, gen_hp, sco_hp, key)
-            if root.exists():
-                shutil.rmtree(root)  # incomplete, or force=True
-            tmp.rename(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    cached_build(
+        root,
+        lambda tmp: _build_into(tmp, seed_path, seed_bytes, gen_hp, sco_hp, key),
+        force=force,
+    )
     return result
 
 
@@ -246,16 +224,6 @@ def resolve_model(name: str, models_dir: Path | str | None = None) -> str:
 
 
 # -- the build ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _load_conversations(seed_path: Path) -> list[tuple[Message, ...]]:

@@ -29,50 +29,28 @@ either form.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.cache import MARKER, cached_build, file_lock, models_root
 from corpusfactory.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 NAME = "gemma3-270m"
-MARKER = "COMPLETE"
 # Bump when the HF directory's content changes in a way a reader would notice.
 HF_VERSION = "1"
 
 Progress = Callable[[str], None]
 
 
-def _models_dir(models_dir: Path | str | None) -> Path:
-    if models_dir is not None:
-        return Path(models_dir)
-    cache = os.environ.get("CORPUSFACTORY_CACHE") or str(Path.home() / ".cache" / "corpusfactory")
-    return Path(cache) / "models"
-
-
 def root(models_dir: Path | str | None = None) -> Path:
     """The folder holding both forms of the model."""
-    return _models_dir(models_dir) / NAME
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return models_root(models_dir) / NAME
 
 
 def _package() -> Any:
@@ -94,7 +72,7 @@ def gguf_file(models_dir: Path | str | None = None, progress: Progress | None = 
     marker = folder / (pkg.MODEL_NAME + "." + MARKER)
     if marker.exists() and target.exists():
         return target
-    with _locked(folder / ".gguf.lock"):
+    with file_lock(folder / ".gguf.lock"):
         if marker.exists() and target.exists():
             return target
         if progress:
@@ -118,22 +96,13 @@ def hf_dir(models_dir: Path | str | None = None, progress: Progress | None = Non
     if (target / MARKER).exists():
         return target
     source = gguf_file(models_dir, progress)
-    with _locked(folder / ".hf.lock"):
-        if (target / MARKER).exists():
-            return target
+
+    def build(tmp: Path) -> None:
         if progress:
             progress("de-quantizing Gemma 3 270M to a transformers directory (bfloat16, 540 MB)")
-        tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=folder))
-        try:
-            _write_hf(source, tmp)
-            (tmp / MARKER).write_text("", encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+        _write_hf(source, tmp)
+
+    return cached_build(target, build)
 
 
 def resolve(name: str, models_dir: Path | str | None = None, form: str = "hf") -> str:

@@ -49,8 +49,6 @@ import itertools
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -59,15 +57,13 @@ from typing import Any
 
 import torch
 
+from corpusfactory.cache import MARKER, cached_build, models_root
 from corpusfactory.errors import ModelError
 from corpusfactory.models.demo import (
-    MARKER,
     ScorerHParams,
-    _locked,
     _no_progress_bars,
     _schedule,
     _scorer_tokenizer,
-    default_models_dir,
 )
 from corpusfactory.scoring.nll import split_sentences
 
@@ -261,7 +257,7 @@ def build_italian_scorer(
     """Build the Italian scorer, or reuse the cached build; return its directory.
 
     The directory loads with ``AutoTokenizer``/``AutoModelForMaskedLM`` and with
-    ``MLMScorer``. ``models_dir`` defaults to ``default_models_dir()``; ``progress``
+    ``MLMScorer``. ``models_dir`` defaults to ``<cache>/models``; ``progress``
     receives a line now and then during a build (nothing when the cache is used);
     ``force`` rebuilds; ``source`` defaults to the shipped SQuAD-it file;
     ``steps_scale`` multiplies the training steps (tests use a small value for a fast,
@@ -271,30 +267,12 @@ def build_italian_scorer(
     source_bytes = _read_source(path)
     hp = _hparams(steps_scale)
     key = build_key(source_bytes, hp)
-    base = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
-    root = base / f"{DIR_PREFIX}{key}"
-    if not force and (root / MARKER).is_file():
-        return root
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(f"cannot create the model directory {base}: {exc}") from exc
-    with _locked(base / f".{DIR_PREFIX}{key}.lock"):
-        # Another process may have finished this build while we waited for the lock.
-        if not force and (root / MARKER).is_file():
-            return root
-        for stale in base.glob(f".tmp-{DIR_PREFIX}{key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted build
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{DIR_PREFIX}{key}-", dir=base))
-        try:
-            _build_into(tmp, path, source_bytes, hp, key, progress)
-            if root.exists():
-                shutil.rmtree(root)  # incomplete, or force=True
-            tmp.rename(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return root
+    root = models_root(models_dir) / f"{DIR_PREFIX}{key}"
+    return cached_build(
+        root,
+        lambda tmp: _build_into(tmp, path, source_bytes, hp, key, progress),
+        force=force,
+    )
 
 
 # -- the build ----------------------------------------------------------------------

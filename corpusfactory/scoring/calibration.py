@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def calibration_dir() -> Path:
-    from corpusfactory.broker import cache_root_dir
+    from corpusfactory.cache import cache_root
 
-    return cache_root_dir() / "calibration"
+    return cache_root() / "calibration"
 
 
 def calibration_key(scorer: MLMScorer, texts: Sequence[str]) -> str:

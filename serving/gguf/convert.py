@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -64,6 +63,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.cache import cache_root, file_lock
 from corpusfactory.errors import ConversionError, SetupError
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,7 @@ def converter_root(cache: str | Path | None = None) -> Path:
     """``<cache>/llama.cpp-converter``; the cache defaults to ``$CORPUSFACTORY_CACHE``."""
     if cache is not None:
         return Path(cache).expanduser() / CACHE_SUBDIR
-    from corpusfactory.broker import cache_root_dir
-
-    return cache_root_dir() / CACHE_SUBDIR
+    return cache_root() / CACHE_SUBDIR
 
 
 def converter_dir(version: str | None = None, cache: str | Path | None = None) -> Path:
@@ -136,7 +134,7 @@ def ensure_converter(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConverterUnavailableError(f"cannot create {root} for the converter: {exc}") from exc
-    with _locked(root / f".{version}.lock"):
+    with file_lock(root / f".{version}.lock"):
         if (final / MARKER).is_file():  # fetched by another process meanwhile
             return final
         for stale in root.glob(f".tmp-{version}-*"):
@@ -186,16 +184,6 @@ def ensure_converter(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:

@@ -21,10 +21,10 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from corpusfactory.broker import (
     POM_PATH,
     EmbeddedBroker,
-    cache_root_dir,
     ensure_jars,
     java_executable,
 )
+from corpusfactory.cache import cache_root, models_root
 from corpusfactory.contract import (
     ACCEPTED,
     ALL_TOPICS,
@@ -217,7 +217,8 @@ def test_jars_are_cached_and_an_interrupted_download_is_redone(
 
 def test_cache_location_and_missing_maven(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORPUSFACTORY_CACHE", str(tmp_path / "cache"))
-    assert cache_root_dir() == tmp_path / "cache"
+    assert cache_root() == tmp_path / "cache"
+    assert models_root() == tmp_path / "cache" / "models"
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
