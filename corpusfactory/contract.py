@@ -50,6 +50,7 @@ import json
 import math
 import re
 import time
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import faust
@@ -74,20 +75,27 @@ SINGLE_PARTITION_TOPICS = (SCORED, SNAPSHOTS, EVALUATIONS, BUILDS)
 
 ROLES = ("user", "assistant")
 
-# Every reason a turn can be rejected for, and "accepted". One label set, used by
-# decisions, statistics and logs alike.
-ACCEPTED_REASON = "accepted"
-REASONS = (
-    ACCEPTED_REASON,
-    "duplicate",
-    "low_quality",
-    "empty",
-    "too_long",
-    "wrong_language",
-    "contaminated",
-    "judge_low",  # the LLM judge's score is below judge.threshold
-    "judge_unparsed",  # the LLM judge's output held no readable score (judge.on_unparsed)
-)
+
+class Reason(StrEnum):
+    """Why a turn was decided as it was: "accepted", or why it was rejected.
+
+    Defined once, here; decisions, the scorer's prechecks, the judge, metrics, the corpus
+    store and the report all use it (a member is its string, so the events carry it as
+    a plain string). Set only in ``streams/decisions.py`` and the judge's verdict."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # cosine above admission.similarity_threshold to an admitted turn
+    LOW_QUALITY = "low_quality"  # MLM NLL at or above the threshold
+    EMPTY = "empty"
+    TOO_LONG = "too_long"
+    WRONG_LANGUAGE = "wrong_language"
+    CONTAMINATED = "contaminated"  # too close to an evaluation item
+    JUDGE_LOW = "judge_low"  # the LLM judge's score is below judge.threshold
+    JUDGE_UNPARSED = "judge_unparsed"  # the judge's output held no readable score
+
+
+ACCEPTED_REASON = Reason.ACCEPTED.value
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
 JUDGE_ON_UNPARSED = ("reject", "accept")
 JUDGE_MAX_SCORE = 5.0
 JUDGE_OUTPUT_CHARS = 500  # how much of the judge's raw output a scored turn keeps

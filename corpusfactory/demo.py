@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from corpusfactory.contract import Reason
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ class DemoObserver:
 
     def progress(self, stats: Any, elapsed: float) -> str:
         decided = sum(stats.decisions.values())
-        accepted = stats.decisions.get("accepted", 0)
+        accepted = stats.decisions.get(Reason.ACCEPTED, 0)
         rejected = ", ".join(
-            f"{k} {v}" for k, v in sorted(stats.decisions.items()) if k != "accepted"
+            f"{k} {v}" for k, v in sorted(stats.decisions.items()) if k != Reason.ACCEPTED
         )
         rate = f"{100.0 * accepted / decided:.0f} %" if decided else "-"
         return (
@@ -330,7 +331,7 @@ def _examples(examples: dict[str, list[dict[str, Any]]]) -> list[str]:
     if not examples:
         return []
     lines = ["", "some decided turns (reason, NLL against its threshold, nearest neighbour)"]
-    order = ["accepted", *sorted(k for k in examples if k != "accepted")]
+    order = [Reason.ACCEPTED, *sorted(k for k in examples if k != Reason.ACCEPTED)]
     for reason in order:
         for ex in examples.get(reason, []):
             lines.append(
@@ -348,8 +349,8 @@ def _summary(result: dict[str, Any]) -> str:
     c = result["corpus"]
     reasons = p["decisions"]
     decided = sum(reasons.values())
-    accepted = reasons.get("accepted", 0)
-    rejected = {k: v for k, v in reasons.items() if k != "accepted"}
+    accepted = reasons.get(Reason.ACCEPTED, 0)
+    rejected = {k: v for k, v in reasons.items() if k != Reason.ACCEPTED}
     lines = [
         "",
         "corpusfactory demo: summary",

@@ -10,11 +10,11 @@ back out of whatever the judge actually wrote.
 The decision is a plain function, as in :mod:`streams.decisions`:
 :func:`judge_decision` turns (score, threshold, on_unparsed) into
 ``(passed, reason)``. A score at or above the threshold passes with reason
-``""``; a lower one fails with :data:`JUDGE_LOW`; an output with no readable
-score has its own outcome, :data:`JUDGE_UNPARSED`, which fails by default
+``""``; a lower one fails with :data:`Reason.JUDGE_LOW`; an output with no readable
+score has its own outcome, :data:`Reason.JUDGE_UNPARSED`, which fails by default
 (``on_unparsed="reject"``: an unreadable verdict is no evidence of quality) or
 passes with ``on_unparsed="accept"`` (the judge then only removes turns it
-positively rated low). The reason stays :data:`JUDGE_UNPARSED` either way, so
+positively rated low). The reason stays :data:`Reason.JUDGE_UNPARSED` either way, so
 unreadable outputs can be counted apart from low scores.
 
 :class:`Judge` renders the prompts, generates through any backend of the
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from corpusfactory.contract import Reason
 from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import (
     GenerationSettings,
@@ -48,10 +49,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTEXT_BLOCK_EN",
     "CONTEXT_BLOCK_IT",
-    "JUDGE_LOW",
     "JUDGE_TEMPLATE_EN",
     "JUDGE_TEMPLATE_IT",
-    "JUDGE_UNPARSED",
     "MAX_SCORE",
     "MIN_SCORE",
     "Judge",
@@ -67,9 +66,6 @@ __all__ = [
     "parse_score",
     "render_prompt",
 ]
-
-JUDGE_LOW = "judge_low"
-JUDGE_UNPARSED = "judge_unparsed"
 
 MIN_SCORE = 0.0
 MAX_SCORE = 5.0
@@ -407,21 +403,21 @@ def judge_decision(
     """(passed, reason) for one judged pair.
 
     ``score >= threshold`` passes with reason ""; a lower score fails with
-    JUDGE_LOW; a None score has reason JUDGE_UNPARSED and passes only when
+    Reason.JUDGE_LOW; a None score has reason Reason.JUDGE_UNPARSED and passes only when
     ``on_unparsed == "accept"``.
     """
     if score is None:
-        return on_unparsed == "accept", JUDGE_UNPARSED
+        return on_unparsed == "accept", Reason.JUDGE_UNPARSED
     if score >= threshold:
         return True, ""
-    return False, JUDGE_LOW
+    return False, Reason.JUDGE_LOW
 
 
 @dataclass(frozen=True)
 class JudgeResult:
     """One judged pair: the parsed score (None if unreadable), the judge's raw output,
-    whether the pair passes, and why ("" when it passed on its score, JUDGE_LOW,
-    JUDGE_UNPARSED)."""
+    whether the pair passes, and why ("" when it passed on its score, Reason.JUDGE_LOW,
+    Reason.JUDGE_UNPARSED)."""
 
     score: float | None
     raw: str

@@ -24,17 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from corpusfactory.judge import JUDGE_LOW as JUDGE_LOW  # re-exported with the reasons below
-from corpusfactory.judge import JUDGE_UNPARSED as JUDGE_UNPARSED
+from corpusfactory.contract import Reason
 from corpusfactory.judge import OnUnparsed, judge_decision
-
-EMPTY = "empty"
-TOO_LONG = "too_long"
-WRONG_LANGUAGE = "wrong_language"
-CONTAMINATED = "contaminated"
-DUPLICATE = "duplicate"
-LOW_QUALITY = "low_quality"
-ACCEPTED = "accepted"
 
 
 @dataclass(frozen=True)
@@ -73,11 +64,11 @@ def precheck(
 ) -> str:
     """A structural rejection reason for a text, or "" when it may be scored and admitted."""
     if not text.strip():
-        return EMPTY
+        return Reason.EMPTY
     if len(text) > max_chars or too_long_tokens:
-        return TOO_LONG
+        return Reason.TOO_LONG
     if not language_ok:
-        return WRONG_LANGUAGE
+        return Reason.WRONG_LANGUAGE
     return ""
 
 
@@ -93,18 +84,18 @@ def decide(
     if cand.precheck:
         return False, cand.precheck
     if reserved is not None and reserved.similarity > contamination_threshold:
-        return False, CONTAMINATED
+        return False, Reason.CONTAMINATED
     if nearest is not None and nearest.similarity > similarity_threshold:
-        return False, DUPLICATE
+        return False, Reason.DUPLICATE
     if not math.isfinite(cand.nll) or cand.nll >= cand.nll_threshold:
-        return False, LOW_QUALITY
+        return False, Reason.LOW_QUALITY
     if cand.judged:
         passed, reason = judge_decision(
             cand.judge_score, cand.judge_threshold, cand.judge_on_unparsed
         )
         if not passed:
             return False, reason
-    return True, ACCEPTED
+    return True, Reason.ACCEPTED
 
 
 def decide_batch(
@@ -140,7 +131,7 @@ def decide_batch(
                 Verdict(
                     cand.ref,
                     True,
-                    ACCEPTED,
+                    Reason.ACCEPTED,
                     near.ref if near else "",
                     near.similarity if near else 0.0,
                     replayed=True,
@@ -159,7 +150,7 @@ def decide_batch(
             if best is None or float(sims[j]) > best.similarity:
                 best = Nearest(batch_refs[j], float(sims[j]))
         accepted, reason = decide(cand, best, similarity_threshold, res, contamination_threshold)
-        shown = res if reason == CONTAMINATED else best
+        shown = res if reason == Reason.CONTAMINATED else best
         verdict = Verdict(
             cand.ref,
             accepted,

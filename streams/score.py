@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corpusfactory import contract
-from corpusfactory.contract import CandidateTurn, ScoredTurn
+from corpusfactory.contract import CandidateTurn, Reason, ScoredTurn
 from corpusfactory.embedder import Embedder
 from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
 from corpusfactory.language import LanguageCheck
@@ -33,7 +33,7 @@ from corpusfactory.scoring.calibration import seed_nll_threshold
 from corpusfactory.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
-from streams.decisions import TOO_LONG, precheck
+from streams.decisions import precheck
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ class ScoringModels:
         for i, res in zip(todo, results, strict=True):
             tokens[i] = res.tokens
             if res.too_long:
-                reasons[i] = TOO_LONG
+                reasons[i] = Reason.TOO_LONG
             elif res.tokens == 0 or not math.isfinite(res.nll):
-                reasons[i] = "empty"
+                reasons[i] = Reason.EMPTY
             else:
                 nll[i] = float(res.nll)
         keep = [i for i, r in enumerate(reasons) if not r]

@@ -18,6 +18,7 @@ import pytest
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.stack import ProducerProcess, WorkerProcess
+from producers.state import ConversationStore
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
     candidate,
@@ -55,11 +56,22 @@ def test_sigkill_workers_and_producer_mid_stream(
         scorer.kill()
         scorer.start().wait_ready()
         prod.kill()
+        # What the killed producer had started, from its own state (nobody writes it now).
+        with ConversationStore(s.state_path / "producer" / "producer-0.sqlite") as st:
+            before = st.counts()
+        started_before = before["active"] + before["finished"] + before["truncated"]
+        assert started_before >= 1
         prod.start()
         assert prod.wait(timeout=600) == 0, prod.log_text()[-3000:]
         log = prod.log_text()
         summary = json.loads(log[log.rindex("\n{\n") + 1 :])
-        assert summary["resent"] >= 1 or summary["started"] < 5  # it resumed, not restarted
+        # It resumed, not restarted: it started only the conversations still missing,
+        # and closed the ones left active by the kill as well.
+        assert summary["started"] == 5 - started_before, (before, summary)
+        assert (
+            summary["finished"] + summary["truncated"]
+            == 5 - before["finished"] - before["truncated"]
+        ), (before, summary)
     finally:
         prod.stop()
         scorer.stop()
@@ -68,8 +80,6 @@ def test_sigkill_workers_and_producer_mid_stream(
     corpus = check_all_invariants(kafka_bootstrap, s, embedder)
     assert len(corpus) >= 1
     # the producer's state agrees: 5 conversations closed, none left active
-    from producers.state import ConversationStore
-
     with ConversationStore(s.state_path / "producer" / "producer-0.sqlite") as st:
         counts = st.counts()
     assert counts["active"] == 0

@@ -29,7 +29,8 @@ import pytest
 from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
-from corpusfactory.judge import JUDGE_LOW, JUDGE_UNPARSED, Judge, make_judge_generator
+from corpusfactory.contract import Reason
+from corpusfactory.judge import Judge, make_judge_generator
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings
@@ -211,7 +212,7 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
         if c.role == "user" or not c.prompt:
             # not judged: decided by the other filters alone
             assert (d.judge_score, d.judge_threshold, d.judge) == (None, None, ""), c.turn_id
-            assert d.reason not in (JUDGE_LOW, JUDGE_UNPARSED), c.turn_id
+            assert d.reason not in (Reason.JUDGE_LOW, Reason.JUDGE_UNPARSED), c.turn_id
             continue
         name = c.conversation_id.split("-", 1)[1]
         want = expected[name]
@@ -220,9 +221,9 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
         # every other filter passed (no duplicate, NLL threshold 1000): the judge decides
         assert d.similarity <= s.admission.similarity_threshold, name
         if want is None:
-            assert (d.accepted, d.reason) == (False, JUDGE_UNPARSED), name
+            assert (d.accepted, d.reason) == (False, Reason.JUDGE_UNPARSED), name
         elif want < threshold:
-            assert (d.accepted, d.reason) == (False, JUDGE_LOW), name
+            assert (d.accepted, d.reason) == (False, Reason.JUDGE_LOW), name
         else:
             assert (d.accepted, d.reason) == (True, "accepted"), name
     assert got[no_prompt.turn_id].accepted

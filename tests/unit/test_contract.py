@@ -8,7 +8,7 @@ import re
 import pytest
 
 from corpusfactory import contract
-from corpusfactory.contract import ContractError
+from corpusfactory.contract import ContractError, Reason
 
 
 def cand(**kw) -> contract.CandidateTurn:
@@ -186,11 +186,21 @@ def _scored(**kw) -> contract.ScoredTurn:
     return contract.ScoredTurn(**base)
 
 
-def test_judge_reasons_are_contract_reasons() -> None:
-    from corpusfactory.judge import JUDGE_LOW, JUDGE_UNPARSED
+def test_reasons_are_one_enum_carried_as_strings() -> None:
+    from corpusfactory.judge import judge_decision
 
     assert contract.SCHEMA_VERSION == 1
-    assert {JUDGE_LOW, JUDGE_UNPARSED} <= set(contract.REASONS)
+    assert tuple(r.value for r in Reason) == contract.REASONS
+    assert len(set(contract.REASONS)) == len(contract.REASONS) == 9
+    assert contract.ACCEPTED_REASON == "accepted" == Reason.ACCEPTED
+    # An event carries the plain string, and reads back equal to the member.
+    assert json.dumps({"reason": Reason.JUDGE_LOW}) == '{"reason": "judge_low"}'
+    assert Reason(json.loads('"judge_unparsed"')) is Reason.JUDGE_UNPARSED
+    # The judge's verdicts are members of the one enum.
+    assert judge_decision(1.0, 3.0) == (False, Reason.JUDGE_LOW)
+    assert judge_decision(None, 3.0) == (False, Reason.JUDGE_UNPARSED)
+    assert judge_decision(None, 3.0, "accept") == (True, Reason.JUDGE_UNPARSED)
+    assert judge_decision(4.0, 3.0) == (True, "")
 
 
 def test_candidate_prompt_round_trip_and_default() -> None:

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from corpusfactory import contract
+from corpusfactory.contract import Reason
 from streams.decisions import (
-    ACCEPTED,
-    DUPLICATE,
-    EMPTY,
-    JUDGE_LOW,
-    JUDGE_UNPARSED,
-    LOW_QUALITY,
-    TOO_LONG,
-    WRONG_LANGUAGE,
     Candidate,
     Nearest,
     decide,
@@ -36,24 +29,24 @@ def cand(ref: str, vec: np.ndarray, nll: float = 1.0, pre: str = "", th: float =
 
 
 def test_precheck_reasons_in_order() -> None:
-    assert precheck("   \n", max_chars=10) == EMPTY
-    assert precheck("x" * 11, max_chars=10) == TOO_LONG
-    assert precheck("ciao", max_chars=10, too_long_tokens=True) == TOO_LONG
-    assert precheck("ciao", max_chars=10, language_ok=False) == WRONG_LANGUAGE
+    assert precheck("   \n", max_chars=10) == Reason.EMPTY
+    assert precheck("x" * 11, max_chars=10) == Reason.TOO_LONG
+    assert precheck("ciao", max_chars=10, too_long_tokens=True) == Reason.TOO_LONG
+    assert precheck("ciao", max_chars=10, language_ok=False) == Reason.WRONG_LANGUAGE
     assert precheck("ciao", max_chars=10) == ""
 
 
 def test_decide_duplicate_before_quality_and_strict_threshold() -> None:
     c = cand("a", unit(1, 0), nll=5.0)
-    assert decide(c, Nearest("s", 0.95), 0.9) == (False, DUPLICATE)
-    assert decide(c, Nearest("s", 0.5), 0.9) == (False, LOW_QUALITY)
+    assert decide(c, Nearest("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
+    assert decide(c, Nearest("s", 0.5), 0.9) == (False, Reason.LOW_QUALITY)
     good = cand("b", unit(1, 0), nll=1.99)
     # cosine must be strictly above the threshold to reject
-    assert decide(good, Nearest("s", 0.9), 0.9) == (True, ACCEPTED)
-    assert decide(good, None, 0.9) == (True, ACCEPTED)
-    assert decide(cand("c", unit(1, 0), nll=2.0), None, 0.9) == (False, LOW_QUALITY)
-    assert decide(cand("d", unit(1, 0), nll=math.nan), None, 0.9) == (False, LOW_QUALITY)
-    assert decide(cand("e", unit(1, 0), pre=EMPTY), None, 0.9) == (False, EMPTY)
+    assert decide(good, Nearest("s", 0.9), 0.9) == (True, Reason.ACCEPTED)
+    assert decide(good, None, 0.9) == (True, Reason.ACCEPTED)
+    assert decide(cand("c", unit(1, 0), nll=2.0), None, 0.9) == (False, Reason.LOW_QUALITY)
+    assert decide(cand("d", unit(1, 0), nll=math.nan), None, 0.9) == (False, Reason.LOW_QUALITY)
+    assert decide(cand("e", unit(1, 0), pre=Reason.EMPTY), None, 0.9) == (False, Reason.EMPTY)
 
 
 def test_batch_compares_with_turns_accepted_earlier_in_the_batch() -> None:
@@ -62,7 +55,7 @@ def test_batch_compares_with_turns_accepted_earlier_in_the_batch() -> None:
     b = cand("b", unit(0, 1, 0))
     verdicts = decide_batch([a, a2, b], [None, None, None], set(), 0.9)
     assert [v.accepted for v in verdicts] == [True, False, True]
-    assert verdicts[1].reason == DUPLICATE
+    assert verdicts[1].reason == Reason.DUPLICATE
     assert verdicts[1].neighbour == "a"
     assert verdicts[1].similarity == pytest.approx(float(a.vector @ a2.vector), abs=1e-6)
 
@@ -71,14 +64,14 @@ def test_rejected_turn_is_not_a_neighbour_for_later_turns() -> None:
     low = cand("low", unit(1, 0), nll=9.0)
     twin = cand("twin", unit(1, 0.01), nll=1.0)
     verdicts = decide_batch([low, twin], [None, None], set(), 0.9)
-    assert [v.reason for v in verdicts] == [LOW_QUALITY, ACCEPTED]
+    assert [v.reason for v in verdicts] == [Reason.LOW_QUALITY, Reason.ACCEPTED]
 
 
 def test_index_neighbour_beats_weaker_batch_neighbour() -> None:
     a = cand("a", unit(1, 0, 0))
     b = cand("b", unit(0.6, 0.8, 0))
     verdicts = decide_batch([a, b], [None, Nearest("seed:x", 0.97)], set(), 0.9)
-    assert verdicts[1].reason == DUPLICATE
+    assert verdicts[1].reason == Reason.DUPLICATE
     assert verdicts[1].neighbour == "seed:x"
 
 
@@ -167,53 +160,53 @@ def judged(
 
 
 def test_judge_reasons_are_contract_reasons() -> None:
-    assert {JUDGE_LOW, JUDGE_UNPARSED} <= set(contract.REASONS)
+    assert {Reason.JUDGE_LOW, Reason.JUDGE_UNPARSED} <= set(contract.REASONS)
 
 
 def test_the_judge_comes_last_after_every_other_filter() -> None:
     v = unit(1, 0)
     low = judged("a", v, 1.0)
-    assert decide(low, None, 0.9) == (False, JUDGE_LOW)
+    assert decide(low, None, 0.9) == (False, Reason.JUDGE_LOW)
     # every earlier filter wins over the judge's low score
-    assert decide(judged("a", v, 1.0, nll=5.0), None, 0.9) == (False, LOW_QUALITY)
-    assert decide(low, Nearest("s", 0.95), 0.9) == (False, DUPLICATE)
+    assert decide(judged("a", v, 1.0, nll=5.0), None, 0.9) == (False, Reason.LOW_QUALITY)
+    assert decide(low, Nearest("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
     assert decide(low, None, 0.9, Nearest("eval:x", 0.95), 0.9) == (False, "contaminated")
-    assert decide(replace(low, precheck=EMPTY), None, 0.9) == (False, EMPTY)
+    assert decide(replace(low, precheck=Reason.EMPTY), None, 0.9) == (False, Reason.EMPTY)
 
 
 def test_judge_threshold_is_inclusive_and_configurable() -> None:
     v = unit(1, 0)
-    assert decide(judged("a", v, 3.0), None, 0.9) == (True, ACCEPTED)  # score >= threshold
-    assert decide(judged("a", v, 2.5), None, 0.9) == (False, JUDGE_LOW)
-    assert decide(judged("a", v, 2.5, threshold=2.5), None, 0.9) == (True, ACCEPTED)
-    assert decide(judged("a", v, 0.0, threshold=0.0), None, 0.9) == (True, ACCEPTED)
-    assert decide(judged("a", v, 4.5, threshold=5.0), None, 0.9) == (False, JUDGE_LOW)
+    assert decide(judged("a", v, 3.0), None, 0.9) == (True, Reason.ACCEPTED)  # score >= threshold
+    assert decide(judged("a", v, 2.5), None, 0.9) == (False, Reason.JUDGE_LOW)
+    assert decide(judged("a", v, 2.5, threshold=2.5), None, 0.9) == (True, Reason.ACCEPTED)
+    assert decide(judged("a", v, 0.0, threshold=0.0), None, 0.9) == (True, Reason.ACCEPTED)
+    assert decide(judged("a", v, 4.5, threshold=5.0), None, 0.9) == (False, Reason.JUDGE_LOW)
 
 
 def test_an_unreadable_verdict_follows_on_unparsed() -> None:
     v = unit(1, 0)
-    assert decide(judged("a", v, None), None, 0.9) == (False, JUDGE_UNPARSED)
-    assert decide(judged("a", v, None, on_unparsed="accept"), None, 0.9) == (True, ACCEPTED)
+    assert decide(judged("a", v, None), None, 0.9) == (False, Reason.JUDGE_UNPARSED)
+    assert decide(judged("a", v, None, on_unparsed="accept"), None, 0.9) == (True, Reason.ACCEPTED)
     # an accepted unparsed turn still meets the other filters
     assert decide(judged("a", v, None, on_unparsed="accept", nll=3.0), None, 0.9) == (
         False,
-        LOW_QUALITY,
+        Reason.LOW_QUALITY,
     )
 
 
 def test_a_turn_the_judge_did_not_rate_is_decided_without_it() -> None:
     v = unit(1, 0)
     # judged=False: no score is no verdict (a user turn, or the judge is off)
-    assert decide(cand("u", v), None, 0.9) == (True, ACCEPTED)
+    assert decide(cand("u", v), None, 0.9) == (True, Reason.ACCEPTED)
     not_judged = replace(judged("u", v, None), judged=False)
-    assert decide(not_judged, None, 0.9) == (True, ACCEPTED)
+    assert decide(not_judged, None, 0.9) == (True, Reason.ACCEPTED)
 
 
 def test_a_turn_the_judge_rejected_is_no_neighbour_for_later_turns() -> None:
     low = judged("low", unit(1, 0), 0.5)
     twin = judged("twin", unit(1, 0.01), 4.0)
     verdicts = decide_batch([low, twin], [None, None], set(), 0.9)
-    assert [v.reason for v in verdicts] == [JUDGE_LOW, ACCEPTED]
+    assert [v.reason for v in verdicts] == [Reason.JUDGE_LOW, Reason.ACCEPTED]
     # a replayed turn (already in the index) is accepted again whatever its new score
     again = decide_batch([judged("low", unit(1, 0), 0.5)], [None], {"low"}, 0.9)
     assert (again[0].accepted, again[0].replayed) == (True, True)
@@ -223,9 +216,9 @@ def test_a_pre_checked_out_turn_after_an_accepted_one_in_the_same_batch() -> Non
     # A turn rejected before scoring has no embedding: it must not be compared with
     # the turns accepted earlier in its batch (that used to raise, sinking the batch).
     a = cand("a", unit(1, 0))
-    empty = cand("e", np.zeros(0, dtype=np.float32), pre=EMPTY)
+    empty = cand("e", np.zeros(0, dtype=np.float32), pre=Reason.EMPTY)
     verdicts = decide_batch([a, empty], [None, None], set(), 0.9)
     assert [(v.accepted, v.reason, v.neighbour) for v in verdicts] == [
-        (True, ACCEPTED, ""),
-        (False, EMPTY, ""),
+        (True, Reason.ACCEPTED, ""),
+        (False, Reason.EMPTY, ""),
     ]

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from corpusfactory import contract
+from corpusfactory.contract import Reason
 from corpusfactory.index import Neighbour, VectorIndex
-from corpusfactory.judge import JUDGE_LOW, JUDGE_UNPARSED, Judge
+from corpusfactory.judge import Judge
 from corpusfactory.scoring.nll import NLLResult
 from corpusfactory.settings import GenerationSettings, Settings, load_settings
 from streams.admit import Admitter
@@ -190,8 +191,8 @@ def test_the_admitter_applies_the_judge_last_and_logs_the_score_for_replays() ->
         "c2:1:0": (True, "accepted", None),
         "c3:1:0": (False, "low_quality", None),
         "c4:1:0": (False, "empty", None),
-        "c5:1:0": (False, JUDGE_LOW, 1.0),
-        "c6:1:0": (False, JUDGE_UNPARSED, None),
+        "c5:1:0": (False, Reason.JUDGE_LOW, 1.0),
+        "c6:1:0": (False, Reason.JUDGE_UNPARSED, None),
     }
     for t, d in decisions.items():
         judged = t in ("c1:1:0", "c5:1:0", "c6:1:0")
@@ -218,7 +219,7 @@ def test_the_admitter_applies_the_judge_last_and_logs_the_score_for_replays() ->
     assert all(
         (d.judge_score, d.judge_threshold, d.judge) == (None, None, "") for d in old.values()
     )
-    assert old["c5:1:0"].reason == JUDGE_LOW and time.time() >= old["c5:1:0"].decided_at
+    assert old["c5:1:0"].reason == Reason.JUDGE_LOW and time.time() >= old["c5:1:0"].decided_at
 
 
 def test_on_unparsed_accept_lets_an_unreadable_verdict_through() -> None:
@@ -229,4 +230,4 @@ def test_on_unparsed_accept_lets_an_unreadable_verdict_through() -> None:
     decisions = {d.turn_id: d for d in Admitter(s, MemoryIndex()).admit(scored)}  # type: ignore[arg-type]
     assert (decisions["c6:1:0"].accepted, decisions["c6:1:0"].reason) == (True, "accepted")
     assert decisions["c6:1:0"].judge_score is None
-    assert decisions["c5:1:0"].reason == JUDGE_LOW
+    assert decisions["c5:1:0"].reason == Reason.JUDGE_LOW

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from corpusfactory.contract import Reason
 from corpusfactory.errors import ConfigError
 from corpusfactory.language import LanguageCheck
-from streams.decisions import WRONG_LANGUAGE, precheck
+from streams.decisions import precheck
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_other_languages_are_rejected(italian: LanguageCheck) -> None:
     assert not italian.ok(english)
     assert not italian.ok(german)
     reason = precheck(english, max_chars=1000, language_ok=italian.ok(english))
-    assert reason == WRONG_LANGUAGE
+    assert reason == Reason.WRONG_LANGUAGE
 
 
 def test_short_texts_are_not_judged(italian: LanguageCheck) -> None:
