@@ -1,1 +1,3 @@
-"""Serving snapshots: GGUF builds for llama.cpp, the OpenAI-compatible server, CPU chat."""
+"""Serving snapshots: GGUF builds for llama.cpp (``builder``, ``gguf``), the model
+following (``follow``), the OpenAI-compatible server (``server``) and CPU chat
+(``chat``). Imports the kernel and training's snapshot store, no stream code."""

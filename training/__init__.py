@@ -1,1 +1,4 @@
-"""Fine-tuning snapshots and their evaluation (issue 3)."""
+"""Fine-tuning snapshots (``service``: the trainer, ``fit``: one DeepSpeed run, ``data``,
+``snapshots``) and their evaluation (``evaluation``). Imports the kernel only; the
+stream code never.
+"""

