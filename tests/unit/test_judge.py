@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from corpusfactory.contract import Reason
 from corpusfactory.errors import GeneratorError
 from corpusfactory.judge import (
     CONTEXT_BLOCK_EN,
-    JUDGE_LOW,
     JUDGE_TEMPLATE_EN,
     JUDGE_TEMPLATE_IT,
-    JUDGE_UNPARSED,
     Judge,
     JudgeResult,
     JudgeSettings,
@@ -244,11 +243,11 @@ def test_load_template(tmp_path: Path) -> None:
 def test_judge_decision() -> None:
     assert judge_decision(3.0, 3.0) == (True, "")
     assert judge_decision(5.0, 3.0) == (True, "")
-    assert judge_decision(2.5, 3.0) == (False, JUDGE_LOW)
+    assert judge_decision(2.5, 3.0) == (False, Reason.JUDGE_LOW)
     assert judge_decision(0.0, 0.0) == (True, "")
-    assert judge_decision(None, 3.0) == (False, JUDGE_UNPARSED)
-    assert judge_decision(None, 3.0, "reject") == (False, JUDGE_UNPARSED)
-    assert judge_decision(None, 3.0, "accept") == (True, JUDGE_UNPARSED)
+    assert judge_decision(None, 3.0) == (False, Reason.JUDGE_UNPARSED)
+    assert judge_decision(None, 3.0, "reject") == (False, Reason.JUDGE_UNPARSED)
+    assert judge_decision(None, 3.0, "accept") == (True, Reason.JUDGE_UNPARSED)
 
 
 # ---------------------------------------------------------------------------------
@@ -303,10 +302,10 @@ def test_rate_scores_exact_texts_and_batches_through_the_generator() -> None:
     results = judge.rate(PAIRS, contexts)
     assert results == [
         JudgeResult(4.0, SCRIPT[0], True, ""),
-        JudgeResult(2.0, SCRIPT[1], False, JUDGE_LOW),
-        JudgeResult(None, SCRIPT[2], False, JUDGE_UNPARSED),
+        JudgeResult(2.0, SCRIPT[1], False, Reason.JUDGE_LOW),
+        JudgeResult(None, SCRIPT[2], False, Reason.JUDGE_UNPARSED),
         JudgeResult(3.0, SCRIPT[3], True, ""),
-        JudgeResult(None, SCRIPT[4], False, JUDGE_UNPARSED),
+        JudgeResult(None, SCRIPT[4], False, Reason.JUDGE_UNPARSED),
     ]
     assert [len(prompts) for prompts, _, _ in gen.calls] == [2, 2, 1]
     sent = [p for prompts, _, _ in gen.calls for p in prompts]
@@ -330,10 +329,10 @@ def test_rate_on_unparsed_accept_and_threshold() -> None:
     results = judge.rate(PAIRS)
     assert [(r.score, r.passed, r.reason) for r in results] == [
         (4.0, True, ""),
-        (2.0, False, JUDGE_LOW),
-        (None, True, JUDGE_UNPARSED),
-        (3.0, False, JUDGE_LOW),
-        (None, True, JUDGE_UNPARSED),
+        (2.0, False, Reason.JUDGE_LOW),
+        (None, True, Reason.JUDGE_UNPARSED),
+        (3.0, False, Reason.JUDGE_LOW),
+        (None, True, Reason.JUDGE_UNPARSED),
     ]
 
 
@@ -395,7 +394,7 @@ def test_judge_from_settings_uses_language_and_template() -> None:
     )
     assert judge.template == JUDGE_TEMPLATE_EN
     assert judge.render("q", "a", "ctx").count("### Earlier conversation\nctx\n\n") == 1
-    assert judge.rate([("q", "a")]) == [JudgeResult(4.0, "Score: 4", False, JUDGE_LOW)]
+    assert judge.rate([("q", "a")]) == [JudgeResult(4.0, "Score: 4", False, Reason.JUDGE_LOW)]
     assert gen.calls[0][1].max_new_tokens == 9
     custom = Judge.from_settings(JudgeSettings(template="{instruction}|{response}"), gen)
     assert custom.render("q", "a") == "q|a"
@@ -428,12 +427,12 @@ def _consistent(results: list[JudgeResult], judge: Judge) -> None:
         assert isinstance(r.raw, str)
         assert r.score == parse_score(r.raw)
         if r.score is None:
-            assert r.reason == JUDGE_UNPARSED
+            assert r.reason == Reason.JUDGE_UNPARSED
             assert r.passed is (judge.on_unparsed == "accept")
         else:
             assert 0.0 <= r.score <= 5.0
             assert r.passed is (r.score >= judge.threshold)
-            assert r.reason == ("" if r.passed else JUDGE_LOW)
+            assert r.reason == ("" if r.passed else Reason.JUDGE_LOW)
 
 
 def test_rate_end_to_end_with_the_demo_generator(demo_judge_generator: Generator) -> None:
