@@ -140,16 +140,20 @@ demo-toy: setup
 # PYTEST_ARGS runs just what it names, in one go.
 PYTEST := PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)" -m pytest -q -p no:cacheprovider
 
+# Three tiers, cheapest first, so a broken contract fails in seconds: the fast unit
+# tests (no model, no engine), the slow ones (marked `slow`: models, llama.cpp,
+# DeepSpeed, file builds), then the integration tests (the real broker and Milvus).
 test: setup
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(PYTEST) tests/unit
+	$(PYTEST) -m "not slow" tests/unit
+	$(PYTEST) -m slow tests/unit
 	$(PYTEST) tests/integration
 else
 	$(PYTEST) $(PYTEST_ARGS)
 endif
 
 test-fast: setup
-	$(PYTEST) tests/unit $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" tests/unit $(PYTEST_ARGS)
 
 check: venv
 	"$(DEPS_BIN)/ruff" format --check .

@@ -24,6 +24,9 @@ from corpusfactory.index import KIND_TURN, VectorIndex
 from corpusfactory.settings import Settings, load_settings
 from streams.admit import Admitter
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 DIM = 8
 
 

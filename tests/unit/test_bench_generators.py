@@ -19,6 +19,9 @@ from corpusfactory.cli import build_parser
 from corpusfactory.errors import UsageError
 from corpusfactory.settings import load_settings
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "configs" / "demo-gemma.yaml"
 

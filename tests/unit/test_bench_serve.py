@@ -16,6 +16,9 @@ from corpusfactory.cli import build_parser
 from corpusfactory.errors import ModelError
 from corpusfactory.models.demo import DemoModels
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 FIGURES = {
     "prompt_tokens_per_s",
     "decode_tokens_per_s",

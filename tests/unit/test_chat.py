@@ -12,6 +12,9 @@ from corpusfactory.models.demo import DemoModels
 from serving.gguf.convert import convert_hf_to_gguf
 from serving.gguf.quantize import quantize
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def q4_build(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -36,6 +36,9 @@ from corpusfactory.models.demo import (
 from corpusfactory.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 # A reduced build for the tests that build: a few steps, same code path.
 SCALE = 0.03
 

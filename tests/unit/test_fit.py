@@ -30,6 +30,9 @@ from training import dsconfig
 from training.data import Block, TrainingConversation, make_blocks, tokenize, write_jsonl
 from training.fit import JOB, STATS, lr_lambda, rank_batches, schedule
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 SNAP_ID = "snap-00001-20260101T000000Z"
 FMT = ChatFormat()

@@ -19,6 +19,9 @@ from corpusfactory.errors import ModelError
 from corpusfactory.models import gemma
 from corpusfactory.models.registry import GEMMA, form_for_backend, is_built_here, resolve_model
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 SQUAD = Path(__file__).resolve().parents[2] / "corpusfactory/data/squad-it/SQuAD_it-test.json.gz"
 EDGE_CASES = [
     "Conversazioni in italiano.",

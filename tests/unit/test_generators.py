@@ -19,6 +19,9 @@ from producers.generators import base
 from producers.generators.base import Generator, cut_at_stop, derive_seed, make_generator
 from producers.generators.openai_compat import OpenAICompatGenerator, parse_retry_after
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------------------------
 # base
 

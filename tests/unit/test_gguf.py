@@ -52,6 +52,9 @@ from serving.gguf.gate import (
 )
 from serving.gguf.quantize import QUANT_TYPES, quantize
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 QUANTS = ("Q8_0", "Q4_K_M")

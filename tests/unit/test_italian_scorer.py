@@ -32,6 +32,9 @@ from corpusfactory.models.italian import (
 )
 from corpusfactory.scoring.nll import MLMScorer
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 # A reduced build for the determinism test: a few steps, same code path.
 SCALE = 0.004
 

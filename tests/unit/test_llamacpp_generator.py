@@ -26,6 +26,9 @@ from producers.generators.llamacpp import (
     common_prefix,
 )
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 FMT = ChatFormat()
 STOP = FMT.stop_strings
 ITALIAN = {"il", "la", "di", "che", "e", "è", "un", "una", "per", "non", "mi", "ho", "come"}

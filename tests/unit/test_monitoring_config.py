@@ -31,6 +31,9 @@ from tests.monitoring_util import (
     dashboard_queries,
 )
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 PROM_DIR = MONITORING / "prometheus"
 JOBS = {
     "corpusfactory-scorer": 9401,

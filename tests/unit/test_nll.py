@@ -20,6 +20,9 @@ from corpusfactory.scoring.nll import (
 )
 from corpusfactory.seeds import load_seeds
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 TEXTS = [
     "Mettili in ammollo in acqua tiepida per circa venti minuti, poi strizzali.",
     "Ciao!",

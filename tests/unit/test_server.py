@@ -37,6 +37,9 @@ from serving.server import ModelRegistry, UnsafeBindError, check_bind, run_serve
 from serving.server.prompts import ChatRequestError, ReplyTidier, build_chat_prompt
 from tests.unit.server_util import serve, wait_for
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 KEY = "s3cret-key"
 FMT = ChatFormat()
 CHAT: list[ChatCompletionMessageParam] = [

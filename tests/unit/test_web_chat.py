@@ -28,6 +28,9 @@ from serving.backends.transformers_backend import TransformersBackend
 from serving.server import ModelRegistry
 from tests.unit.server_util import serve
 
+# Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 KEY = "web-s3cret"
 MODEL_ID = "demo-web"
 CHAT_PATH = "/v1/chat/completions"
