@@ -24,10 +24,8 @@ from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
 from corpusfactory.contract import Reason
-from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings
-from corpusfactory.stack import WorkerProcess
 from producers.generators.base import make_generator
 from producers.service import SelfChatProducer
 from tests.integration.conftest import make_settings
@@ -37,6 +35,7 @@ from tests.integration.pipeline_util import (
     producer,
     read_topic,
     wait_for,
+    worker_stack,
 )
 from tests.integration.scripted_judge import ScriptedJudge
 
@@ -103,17 +102,9 @@ def judge_stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Jud
                 "on_unparsed": "reject",
             },
         )
-        ensure_topics(settings, kafka_bootstrap)
-        admitter = WorkerProcess(settings, "admitter").start()
-        scorer = WorkerProcess(settings, "scorer").start()
-        try:
-            admitter.wait_ready()
-            scorer.wait_ready()
-            assert f"judge={JUDGE_ID}" in scorer.log_text()
+        with worker_stack(settings, kafka_bootstrap) as running:
+            assert f"judge={JUDGE_ID}" in running.scorer.log_text()
             yield JudgeStack(settings, kafka_bootstrap, server)
-        finally:
-            scorer.stop()
-            admitter.stop()
 
 
 def send(settings: Settings, bootstrap: str, cands: list[contract.CandidateTurn]) -> None:
