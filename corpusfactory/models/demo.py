@@ -717,7 +717,10 @@ def _scorer_batches(
 
 def _masked_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy at the masked positions, the MLM head applied only there (cheaper)."""
-    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    # base_model: the encoder of any *ForMaskedLM (BERT's .bert, RoFormer's .roformer)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[
+        0
+    ]
     chosen = batch["labels"] != -100
     logits = model.cls(hidden[chosen])
     return torch.nn.functional.cross_entropy(logits, batch["labels"][chosen])

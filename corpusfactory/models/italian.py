@@ -61,6 +61,7 @@ from corpusfactory.cache import MARKER, cached_build, models_root
 from corpusfactory.errors import ModelError
 from corpusfactory.models.demo import (
     ScorerHParams,
+    _masked_lm_loss,
     _no_progress_bars,
     _schedule,
     _scorer_tokenizer,
@@ -353,14 +354,6 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int
     for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]:
         out.append(ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else list(ids))
     return out
-
-
-def _masked_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy at the masked positions, the MLM head applied only there (cheaper)."""
-    hidden = model.roformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    chosen = batch["labels"] != -100
-    logits = model.cls(hidden[chosen])
-    return torch.nn.functional.cross_entropy(logits, batch["labels"][chosen])
 
 
 def _train(
