@@ -110,7 +110,7 @@ venv: $(VENV_DIR)/.complete
 
 jars: venv
 	@echo "jars: the Kafka broker's jars from Maven Central into $(CACHE)/kafka (about 46 MB, once)"
-	@$(PY) -c "from corpusfactory.broker import ensure_jars; ensure_jars()"
+	@$(PY) -c "from corpusfactory.engines.broker import ensure_jars; ensure_jars()"
 
 # llama.cpp's converter is fetched (a download, about 2 min cold) while the models
 # build (CPU-bound): the two overlap.
@@ -159,6 +159,7 @@ check: venv
 	"$(DEPS_BIN)/ruff" format --check .
 	"$(DEPS_BIN)/ruff" check .
 	"$(DEPS_BIN)/mypy"
+	"$(DEPS_BIN)/lint-imports"
 
 format: venv
 	"$(DEPS_BIN)/ruff" format .

@@ -1,13 +1,25 @@
-"""corpusfactory: the shared kernel of the factory, and (for now) its tools.
+"""corpusfactory: the shared kernel of the factory, with its engines and its roof.
 
-The kernel, imported by every stage: the event contract (``contract``), settings,
-errors, the chat format, the cache (``cache``), model names (``models.registry``, no
-torch), Kafka helpers (``kafka_clients``), atomic file I/O (``atomicio``), metrics.
-Engine wrappers: the embedder, the Milvus index, the MLM scorer (``scoring``), the
-language check. Tools on top, which only the CLI imports: ``cli*``, ``demo``,
-``bench*``, ``stack``, the embedded ``broker``, ``faults``, ``report*``.
+Three layers live in this package; the stages (``streams``, ``producers``,
+``consumers``, ``training``, ``serving``, ``monitoring``) sit between the second and
+the third:
 
-Not yet layered as it should be (issue 12): ``judge`` imports the producer's
-generators, ``ingest`` the producer's conversation state, and ``report*`` the
-corpus store and training's comparison table.
+* **the kernel**, the modules directly in this package, imported by every stage and
+  importing none: the event contract (``contract``, with the one ``Reason`` enum),
+  ``settings``, ``errors``, the chat format (``chatformat``), the seed set (``seeds``),
+  cache paths and build locks (``cache``), atomic file I/O (``atomicio``), Kafka
+  client settings and topic setup (``kafka_clients``), Prometheus metrics
+  (``metrics``), secret redaction (``redact``), failure records (``failures``), the
+  fault-injection pause points (``faults``) and the judge's prompt templates
+  (``judge_prompt``);
+* **``engines``**: the wrappers of external engines (embedder, Milvus index, masked-LM
+  scorer, language check, embedded Kafka broker, the models the project builds);
+  they import the kernel only;
+* **the roof**, which nothing else imports: ``cli`` (the command line) and ``tools``
+  (demo, benchmarks, process stack, run report).
+
+``make check`` runs import-linter with the contracts in ``pyproject.toml``
+(``[tool.importlinter]``): the kernel and the engines import no stage, no stage
+imports the roof, training imports no stream code, and no package has an import
+cycle among its modules.
 """

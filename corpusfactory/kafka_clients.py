@@ -6,9 +6,9 @@ and consumers), kafka-python (admin and synchronous tools) and faust-streaming
 differently; the builders here translate the one set of settings for each, so a
 SASL/SSL cluster is configured in a single place.
 
-``resolve_bootstrap`` says where Kafka is (a configured cluster, or the embedded
-broker under the state directory) and ``ensure_topics`` creates the contract
-topics there.
+``ensure_topics`` creates the contract topics on a cluster (where Kafka is, a
+configured cluster or the embedded broker, is ``corpusfactory.engines.broker``'s
+``resolve_bootstrap``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from faust.types import ProducerT
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from corpusfactory.broker import EmbeddedBroker, majority_of
 from corpusfactory.contract import ALL_TOPICS, SCORED, SINGLE_PARTITION_TOPICS
 from corpusfactory.errors import BrokerError, ConfigError
 from corpusfactory.settings import KafkaSettings, Settings
@@ -174,31 +173,6 @@ def _faust_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | faust.SS
     return None
 
 
-# --------------------------------------------------------------------------- bootstrap
-
-
-def resolve_bootstrap(settings: Settings, start_embedded: bool = True) -> str:
-    """The bootstrap servers: the configured cluster, else the embedded broker."""
-    if settings.kafka.bootstrap_servers:
-        return settings.kafka.bootstrap_servers
-    broker = embedded_broker(settings)
-    address = broker.bootstrap
-    if address is not None and broker.is_running():
-        return address
-    if not start_embedded:
-        raise BrokerError("broker not running: run `corpusfactory broker start`")
-    return broker.start()
-
-
-def embedded_broker(settings: Settings) -> EmbeddedBroker:
-    """The embedded broker living under the settings' state directory."""
-    return EmbeddedBroker(
-        settings.state_path,
-        port=settings.kafka.embedded_port,
-        controller_port=settings.kafka.embedded_controller_port,
-    )
-
-
 # --------------------------------------------------------------------------- topics
 
 
@@ -230,6 +204,12 @@ def ensure_topics(settings: Settings, bootstrap: str, *, timeout_s: float = 30.0
         raise BrokerError(f"cannot create the topics on Kafka at {bootstrap}: {exc!r}") from exc
     finally:
         admin.close()
+
+
+def majority_of(replicas: int) -> int:
+    """The smallest majority of ``replicas``: the min.insync.replicas that lets a
+    write acknowledged by acks=all survive the loss of any minority of the replicas."""
+    return replicas // 2 + 1
 
 
 def topic_replication(settings: Settings, live_brokers: int) -> tuple[int, int]:

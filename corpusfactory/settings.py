@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corpusfactory.errors import ConfigError
+from corpusfactory.judge_prompt import JudgeLanguage, check_template, load_template
 from corpusfactory.redact import is_secret_name, redact_text, redact_value, secret_values_in
 
 ENV_PREFIX = "CORPUSFACTORY_"
@@ -386,8 +387,9 @@ class EvaluationSettings(_Section):
     squad_it_limit: int | None = Field(None, ge=1, description="Seeded subset size; None = all.")
     squad_it_articles: Literal["all", "scorer_heldout"] = Field(
         "all",
-        description="Which articles evaluated questions come from. scorer_heldout: only those "
-        "the demo's Italian scorer never trained on (corpusfactory.models.italian); few-shot "
+        description="Which articles evaluated questions come from. scorer_heldout: only "
+        "those the demo's Italian scorer never trained on "
+        "(corpusfactory.engines.models.italian); few-shot "
         "examples may come from any article.",
     )
     squad_it_max_new_tokens: int = Field(32, ge=1)
@@ -436,11 +438,10 @@ class EvaluationSettings(_Section):
 
 
 OnUnparsed = Literal["reject", "accept"]
-JudgeLanguage = Literal["it", "en"]
 
 
 class JudgeSettings(_Section):
-    """The optional LLM-as-judge admission stage (method.md §8; ``corpusfactory.judge``).
+    """The optional LLM-as-judge admission stage (method.md §8; ``streams.judge``).
 
     When enabled, the scorer rates each assistant turn that answers a user turn
     (its candidate's ``prompt``) 0-5 with a judge model; the admitter rejects a
@@ -482,9 +483,6 @@ class JudgeSettings(_Section):
             raise ValueError("judge.enabled needs judge.model")
         if self.template is None:
             return self
-        # Imported here, only for a custom template: corpusfactory.judge imports this module.
-        from corpusfactory.judge import check_template, load_template
-
         try:
             if "{response}" in self.template:
                 check_template(self.template)

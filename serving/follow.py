@@ -22,8 +22,8 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from corpusfactory.contract import BUILDS, SNAPSHOTS
+from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.kafka_clients import kafka_python_kwargs
-from corpusfactory.models.registry import resolve_model
 from corpusfactory.settings import Settings
 from serving.backends import load_backend
 from serving.builds import BuildStore

@@ -30,13 +30,13 @@ import xxhash
 
 from corpusfactory import contract
 from corpusfactory.contract import Decision, ScoredTurn, encode
+from corpusfactory.engines.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex, check_ref
 from corpusfactory.errors import (
     ConflictError,
     CorpusFactoryError,
     IndexRecordError,
     UnavailableError,
 )
-from corpusfactory.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex, check_ref
 from corpusfactory.redact import redact_uri
 from corpusfactory.settings import Settings
 from streams.decisions import Candidate, Nearest, decide_batch
@@ -48,7 +48,7 @@ def seed_index(
     settings: Settings, index: VectorIndex | None = None, embedder: Any = None
 ) -> VectorIndex:
     """Embed the seed messages and upsert them (idempotent); returns the open index."""
-    from corpusfactory.embedder import Embedder
+    from corpusfactory.engines.embedder import Embedder
     from corpusfactory.seeds import load_seeds, seed_messages
 
     if embedder is None:
@@ -68,7 +68,7 @@ def seed_index(
 
 def load_reserved(settings: Settings, index: VectorIndex, embedder: Any = None) -> VectorIndex:
     """Embed the evaluation items into the reserved collection (idempotent)."""
-    from corpusfactory.embedder import Embedder
+    from corpusfactory.engines.embedder import Embedder
     from training.evaluation.items import evaluation_items
 
     items = evaluation_items(settings)
@@ -106,7 +106,7 @@ class Admitter:
     def embedder(self) -> Any:
         """The embedder for seeds and evaluation items, loaded once, in this thread."""
         if self._embedder is None:
-            from corpusfactory.embedder import Embedder
+            from corpusfactory.engines.embedder import Embedder
 
             m = self.settings.models
             self._embedder = Embedder(m.embedder, device=m.device)

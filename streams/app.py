@@ -30,12 +30,8 @@ import faust
 
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
-from corpusfactory.kafka_clients import (
-    ReliableFaustApp,
-    ensure_topics,
-    faust_broker_kwargs,
-    resolve_bootstrap,
-)
+from corpusfactory.engines.broker import resolve_bootstrap
+from corpusfactory.kafka_clients import ReliableFaustApp, ensure_topics, faust_broker_kwargs
 from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics, metrics_endpoint
 from corpusfactory.settings import Settings
 

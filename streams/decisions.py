@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from corpusfactory.contract import Reason
-from corpusfactory.judge import OnUnparsed, judge_decision
+from streams.judge import OnUnparsed, judge_decision
 
 
 @dataclass(frozen=True)

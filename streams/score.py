@@ -6,7 +6,7 @@ pre-checked (empty, too long, language), then embedded and NLL-scored in the
 inference thread, off the event loop. The agent never raises: Faust would ack
 and drop the message if it did.
 
-With ``judge.enabled``, the optional LLM judge (:mod:`corpusfactory.judge`) then
+With ``judge.enabled``, the optional LLM judge (:mod:`streams.judge`) then
 rates, in the same inference thread and in batches, every assistant turn that
 has a ``prompt`` (the user turn it answers) and passed the checks above,
 NLL threshold included: a turn those reject is never judged, since the judge is
@@ -25,15 +25,15 @@ from typing import Any
 
 from corpusfactory import contract
 from corpusfactory.contract import CandidateTurn, Reason, ScoredTurn
-from corpusfactory.embedder import Embedder
-from corpusfactory.judge import Judge, JudgeResult, make_judge_generator
-from corpusfactory.language import LanguageCheck
-from corpusfactory.models.registry import resolve_model
-from corpusfactory.scoring.calibration import seed_nll_threshold
-from corpusfactory.scoring.nll import MLMScorer
+from corpusfactory.engines.embedder import Embedder
+from corpusfactory.engines.language import LanguageCheck
+from corpusfactory.engines.models.registry import resolve_model
+from corpusfactory.engines.scoring.calibration import seed_nll_threshold
+from corpusfactory.engines.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from streams.decisions import precheck
+from streams.judge import Judge, JudgeResult, make_judge_generator
 
 log = logging.getLogger(__name__)
 

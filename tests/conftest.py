@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from corpusfactory.broker import EmbeddedBroker
+from corpusfactory.engines.broker import EmbeddedBroker
 
 # Runs beside the tests and stops the broker if the test process dies without
 # running its teardown (SIGKILL, os._exit from a timeout): its stdin is a pipe

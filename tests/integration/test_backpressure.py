@@ -28,7 +28,7 @@ from kafka.admin import KafkaAdminClient
 
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.stack import WorkerProcess, stop_all
+from corpusfactory.tools.stack import WorkerProcess, stop_all
 from streams.app import app_id_for
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (

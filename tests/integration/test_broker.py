@@ -18,12 +18,6 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from corpusfactory.broker import (
-    POM_PATH,
-    EmbeddedBroker,
-    ensure_jars,
-    java_executable,
-)
 from corpusfactory.cache import cache_root, models_root
 from corpusfactory.contract import (
     ACCEPTED,
@@ -32,13 +26,19 @@ from corpusfactory.contract import (
     SCORED,
     SINGLE_PARTITION_TOPICS,
 )
+from corpusfactory.engines.broker import (
+    POM_PATH,
+    EmbeddedBroker,
+    ensure_jars,
+    java_executable,
+    resolve_bootstrap,
+)
 from corpusfactory.errors import BrokerError, ConfigError, JavaMissingError
 from corpusfactory.kafka_clients import (
     aiokafka_kwargs,
     ensure_topics,
     faust_broker_kwargs,
     kafka_python_kwargs,
-    resolve_bootstrap,
 )
 from corpusfactory.settings import Settings, load_settings
 

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from corpusfactory.broker import EmbeddedBroker
+from corpusfactory.engines.broker import EmbeddedBroker
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.stack import ProducerProcess, WorkerProcess
+from corpusfactory.tools.stack import ProducerProcess, WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import check_all_invariants, n_decisions, wait_for
 

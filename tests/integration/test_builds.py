@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from corpusfactory.cli import main
+from corpusfactory.cli.main import main
 from corpusfactory.contract import BUILDS, decode_build
-from corpusfactory.stack import write_settings
+from corpusfactory.tools.stack import write_settings
 from serving.builder import Builder
 from serving.builds import BuildStore
 from serving.follow import ModelFollower, newest

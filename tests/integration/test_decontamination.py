@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from corpusfactory import contract
-from corpusfactory.index import KIND_EVAL, VectorIndex
+from corpusfactory.engines.index import KIND_EVAL, VectorIndex
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.stack import WorkerProcess
+from corpusfactory.tools.stack import WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import candidate, decisions_by_turn, producer, wait_for
 from training.evaluation.evalita import read_ami2020

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from corpusfactory.cli import main
+from corpusfactory.cli.main import main
 from corpusfactory.contract import EVALUATIONS, decode_evaluation
-from corpusfactory.stack import write_settings
+from corpusfactory.tools.stack import write_settings
 from tests.integration.pipeline_util import read_topic
 from tests.integration.trainer_util import publish, seed_conversations, trainer_settings
 from training.evaluation.service import EvaluatorService

@@ -20,7 +20,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from corpusfactory.cli import main
+from corpusfactory.cli.main import main
 from corpusfactory.contract import (
     BUILDS,
     EVALUATIONS,
@@ -31,11 +31,11 @@ from corpusfactory.contract import (
     decode_evaluation,
     encode,
 )
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.metrics import BuilderMetrics, EvaluatorMetrics
-from corpusfactory.models.demo import DemoModels
 from corpusfactory.settings import Settings
-from corpusfactory.stack import write_settings
+from corpusfactory.tools.stack import write_settings
 from serving.builder import Builder
 from serving.builds import BuildStore
 from tests.integration.conftest import make_settings

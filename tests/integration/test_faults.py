@@ -17,7 +17,7 @@ import pytest
 
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.stack import ProducerProcess, WorkerProcess
+from corpusfactory.tools.stack import ProducerProcess, WorkerProcess
 from producers.state import ConversationStore
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (

@@ -4,7 +4,7 @@ Run: ``.venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_
 
 A module-wide stack (one admitter, one scorer, as in ``test_pipeline.py``) decides
 the turns of two team fixtures, ``fauno.json`` and ``chats.jsonl``, ingested once
-through ``corpusfactory.cli.main`` (``ingest --json``); chats.jsonl with
+through ``corpusfactory.cli.main.main`` (``ingest --json``); chats.jsonl with
 ``producer.min_truncated_messages: 1``, so that a prefix cut after one accepted
 turn is published (fauno.json keeps 2: such a prefix is not). The tests run in file
 order; the last one stops the workers to check I1-I4 (Milvus Lite allows one
@@ -29,12 +29,12 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from corpusfactory import contract
-from corpusfactory.cli import main
-from corpusfactory.ingest import refine_file
-from corpusfactory.ingest.publish import IngestPublisher, run_identity
+from corpusfactory.cli.main import main
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.settings import Settings
-from corpusfactory.stack import WorkerProcess, write_settings
+from corpusfactory.tools.stack import WorkerProcess, write_settings
+from producers.ingest import refine_file
+from producers.ingest.publish import IngestPublisher, run_identity
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import check_all_invariants, decisions_by_turn, read_topic
 from tests.unit.test_ingest import FAUNO_REPORT, JSONL_REPORT

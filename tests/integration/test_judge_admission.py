@@ -24,9 +24,9 @@ from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
 from corpusfactory.contract import Reason
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.engines.models.demo import resolve_model
 from corpusfactory.settings import Settings
-from producers.generators.base import make_generator
+from producers.generators.factory import make_generator
 from producers.service import SelfChatProducer
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (

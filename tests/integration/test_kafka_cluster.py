@@ -24,11 +24,11 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from corpusfactory.broker import EmbeddedCluster
 from corpusfactory.contract import ALL_TOPICS, CANDIDATES, encode
+from corpusfactory.engines.broker import EmbeddedCluster
 from corpusfactory.kafka_clients import ensure_topics, kafka_python_producer_kwargs
 from corpusfactory.settings import Settings
-from corpusfactory.stack import ProducerProcess, WorkerProcess, stop_all
+from corpusfactory.tools.stack import ProducerProcess, WorkerProcess, stop_all
 from tests.conftest import _start_watchdog, _stop_watchdog
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (

@@ -29,11 +29,11 @@ from pathlib import Path
 import pytest
 
 from corpusfactory import contract
-from corpusfactory.index import KIND_EVAL, KIND_TURN, VectorIndex
+from corpusfactory.engines.index import KIND_EVAL, KIND_TURN, VectorIndex
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.settings import Settings
-from corpusfactory.stack import WorkerProcess, stop_all
+from corpusfactory.tools.stack import WorkerProcess, stop_all
 from tests.integration.conftest import make_settings
 from tests.integration.milvus_server import MilvusStandalone
 from tests.integration.pipeline_util import (

@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import pytest
 
-from corpusfactory.cli import main
+from corpusfactory.cli.main import main
 from corpusfactory.metrics import COMPONENTS
-from corpusfactory.report import build_report
 from corpusfactory.settings import Settings
-from corpusfactory.stack import (
+from corpusfactory.tools.report.build import build_report
+from corpusfactory.tools.stack import (
     ProducerProcess,
     ServiceProcess,
     WorkerProcess,

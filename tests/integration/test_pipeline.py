@@ -18,12 +18,12 @@ import pytest
 from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory import contract
-from corpusfactory.index import VectorIndex
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.engines.index import VectorIndex
+from corpusfactory.engines.models.demo import resolve_model
 from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.settings import Settings
-from corpusfactory.stack import WorkerProcess
-from producers.generators.base import make_generator
+from corpusfactory.tools.stack import WorkerProcess
+from producers.generators.factory import make_generator
 from producers.service import SelfChatProducer
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (

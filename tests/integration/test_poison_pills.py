@@ -23,7 +23,7 @@ import pytest
 
 from corpusfactory import contract
 from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.stack import WorkerProcess
+from corpusfactory.tools.stack import WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
     Stack,

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from consumers.store import CorpusStore
 from consumers.writer import CorpusWriter
 from corpusfactory.chatformat import ChatFormat
-from corpusfactory.models.registry import resolve_model
-from producers.generators.base import make_generator
+from corpusfactory.engines.models.registry import resolve_model
+from producers.generators.factory import make_generator
 from producers.service import SelfChatProducer
 from serving.backends import GenerationParams
 from serving.builder import Builder

@@ -14,7 +14,7 @@ import pytest
 
 from corpusfactory.chatformat import ChatFormat
 from corpusfactory.contract import SNAPSHOTS, decode_snapshot
-from corpusfactory.models.demo import resolve_model
+from corpusfactory.engines.models.demo import resolve_model
 from tests.integration.pipeline_util import read_topic
 from tests.integration.trainer_util import (
     committed_offsets,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from corpusfactory.engines.models.demo import resolve_model
 from corpusfactory.failures import FailureRecords
 from corpusfactory.metrics import TrainerMetrics
-from corpusfactory.models.demo import resolve_model
 from corpusfactory.settings import Settings
 from tests.integration.pipeline_util import wait_for
 from tests.integration.trainer_util import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corpusfactory.settings import Settings
-from corpusfactory.stack import ServiceProcess
+from corpusfactory.tools.stack import ServiceProcess
 from tests.integration.pipeline_util import wait_for
 from tests.integration.trainer_util import (
     committed_offsets,

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
-from corpusfactory.models.demo import DemoModels, build_demo_models
+from corpusfactory.engines.models.demo import DemoModels, build_demo_models
 
 
 @pytest.fixture(scope="session")

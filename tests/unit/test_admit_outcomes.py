@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from corpusfactory import contract
+from corpusfactory.engines.index import KIND_TURN, VectorIndex
 from corpusfactory.errors import (
     ConflictError,
     IndexRecordError,
     IndexUnavailableError,
     is_transient,
 )
-from corpusfactory.index import KIND_TURN, VectorIndex
 from corpusfactory.settings import Settings, load_settings
 from streams.admit import Admitter
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from corpusfactory import bench_generators
-from corpusfactory.bench import bench_generators as bench_cmd
-from corpusfactory.cli import build_parser
+from corpusfactory.cli.main import build_parser
 from corpusfactory.errors import UsageError
 from corpusfactory.settings import load_settings
+from corpusfactory.tools import bench_generators
+from corpusfactory.tools.bench import bench_generators as bench_cmd
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from corpusfactory.bench import bench_serve, memory_bandwidth_gbs
-from corpusfactory.cli import build_parser
+from corpusfactory.cli.main import build_parser
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import ModelError
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.tools.bench import bench_serve, memory_bandwidth_gbs
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
 pytestmark = pytest.mark.slow

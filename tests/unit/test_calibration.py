@@ -1,4 +1,4 @@
-"""The seed-NLL threshold cache (corpusfactory.scoring.calibration), on the demo scorer.
+"""The seed-NLL threshold cache (corpusfactory.engines.scoring.calibration), on the demo scorer.
 
 Run: ``.venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_calibration.py``
 """
@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from corpusfactory.errors import ModelError
-from corpusfactory.scoring.calibration import (
+from corpusfactory.engines.scoring.calibration import (
     calibration_key,
     seed_nll_threshold,
     seed_nll_values,
 )
-from corpusfactory.scoring.nll import MLMScorer, nll_percentile
+from corpusfactory.engines.scoring.nll import MLMScorer, nll_percentile
+from corpusfactory.errors import ModelError
 
 TEXTS = [
     "Il gatto dorme sul divano tutto il pomeriggio.",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.engines.models.demo import DemoModels
 from serving.gguf.convert import convert_hf_to_gguf
 from serving.gguf.quantize import quantize
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from corpusfactory.cli import build_parser, main
+from corpusfactory.cli.main import build_parser, main
 
 COMMANDS = [
     "broker",
@@ -149,7 +149,7 @@ def test_score_json_one_result_per_line(tmp_path, demo_models) -> None:
     assert all(set(r) >= {"text", "nll", "tokens"} for r in rows)
     assert rows[0]["tokens"] > 0 and rows[0]["nll"] > 0
     assert rows[2]["tokens"] == 0 and rows[2]["nll"] is None
-    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.engines.scoring.nll import MLMScorer
 
     direct = MLMScorer(str(demo_models.scorer)).score(texts[:1])[0]
     assert rows[0]["nll"] == pytest.approx(direct.nll, rel=1e-5)

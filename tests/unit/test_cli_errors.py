@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from corpusfactory.cli import EXIT_UNEXPECTED, main, report_error
+from corpusfactory.cli.main import EXIT_UNEXPECTED, main, report_error
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import (
     EXIT_INVALID,
     EXIT_SETUP,
@@ -28,7 +29,6 @@ from corpusfactory.errors import (
     SeedError,
     UsageError,
 )
-from corpusfactory.models.demo import DemoModels
 from tests.unit.test_secrets import KAFKA_PASSWORD, assert_no_secret
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evalita"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from corpusfactory.cli import build_parser
+from corpusfactory.cli.main import build_parser
 from corpusfactory.settings import load_settings
 from tests.monitoring_util import REPO
 

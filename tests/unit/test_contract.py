@@ -187,7 +187,7 @@ def _scored(**kw) -> contract.ScoredTurn:
 
 
 def test_reasons_are_one_enum_carried_as_strings() -> None:
-    from corpusfactory.judge import judge_decision
+    from streams.judge import judge_decision
 
     assert contract.SCHEMA_VERSION == 1
     assert tuple(r.value for r in Reason) == contract.REASONS

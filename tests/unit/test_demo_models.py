@@ -23,8 +23,7 @@ from transformers import (
 )
 
 from corpusfactory.chatformat import ChatFormat
-from corpusfactory.errors import ModelError
-from corpusfactory.models.demo import (
+from corpusfactory.engines.models.demo import (
     MARKER,
     DemoModels,
     build_demo_models,
@@ -33,7 +32,8 @@ from corpusfactory.models.demo import (
     default_seed_file,
     resolve_model,
 )
-from corpusfactory.scoring.nll import MLMScorer
+from corpusfactory.engines.scoring.nll import MLMScorer
+from corpusfactory.errors import ModelError
 from corpusfactory.seeds import load_seeds
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).

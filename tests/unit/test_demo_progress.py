@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corpusfactory.contract import SCHEMA_VERSION, Decision
-from corpusfactory.demo import DemoObserver, _summary
+from corpusfactory.tools.demo import DemoObserver, _summary
 from producers.service import ProducerStats
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from corpusfactory.chatformat import ChatFormat
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import InputFileError
-from corpusfactory.models.demo import DemoModels
 from training.evaluation.evalita import (
     LAYOUTS,
     TASKS,

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from corpusfactory.chatformat import ChatFormat, Message
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.settings import LoraSettings, TrainingSettings
 from training import dsconfig
 from training.data import Block, TrainingConversation, make_blocks, tokenize, write_jsonl

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from corpusfactory.engines.models import gemma
+from corpusfactory.engines.models.registry import (
+    GEMMA,
+    form_for_backend,
+    is_built_here,
+    resolve_model,
+)
 from corpusfactory.errors import ModelError
-from corpusfactory.models import gemma
-from corpusfactory.models.registry import GEMMA, form_for_backend, is_built_here, resolve_model
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
 pytestmark = pytest.mark.slow

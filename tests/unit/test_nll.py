@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpusfactory.errors import ModelError
-from corpusfactory.models.demo import DemoModels
-from corpusfactory.scoring.nll import (
+from corpusfactory.engines.models.demo import DemoModels
+from corpusfactory.engines.scoring.nll import (
     MLMScorer,
     direct_nll,
     encoder_parameters,
@@ -18,6 +17,7 @@ from corpusfactory.scoring.nll import (
     nll_percentile,
     split_sentences,
 )
+from corpusfactory.errors import ModelError
 from corpusfactory.seeds import load_seeds
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).

@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from corpusfactory.chatformat import ChatFormat, Message
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.settings import ServingSettings
 from serving.backends import (
     Backend,

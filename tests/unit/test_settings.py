@@ -121,11 +121,11 @@ def test_evaluation_settings_report_every_problem_at_once() -> None:
 
 
 def test_judge_section_defaults_off_and_is_the_library_s_settings() -> None:
-    from corpusfactory import judge
+    from streams import judge
 
     s = load_settings(None, environ={})
     assert isinstance(s.judge, judge.JudgeSettings)
-    assert judge.JudgeSettings is JudgeSettings  # re-exported by corpusfactory.judge
+    assert judge.JudgeSettings is JudgeSettings  # re-exported by streams.judge
     assert (s.judge.enabled, s.judge.threshold, s.judge.on_unparsed) == (False, 3.0, "reject")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from corpusfactory.settings import Settings, load_settings
-from corpusfactory.stack import write_settings
+from corpusfactory.tools.stack import write_settings
 
 PASSWORD = "kafka-pw-5f1e"
 API_KEY = "serving-key-93ab"

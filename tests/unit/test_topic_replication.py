@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from corpusfactory.broker import majority_of
 from corpusfactory.errors import ConfigError
-from corpusfactory.kafka_clients import topic_replication
+from corpusfactory.kafka_clients import majority_of, topic_replication
 from corpusfactory.settings import Settings, load_settings
 
 

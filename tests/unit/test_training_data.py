@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.contract import SCHEMA_VERSION, AcceptedConversation, AcceptedTurn
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.engines.models.demo import DemoModels
 from training.data import (
     IGNORE_INDEX,
     Block,

@@ -22,7 +22,7 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, Request, Response, sync_playwright
 
-from corpusfactory.models.demo import DemoModels
+from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.settings import ServingSettings
 from serving.backends.transformers_backend import TransformersBackend
 from serving.server import ModelRegistry

@@ -202,7 +202,7 @@ def classification_scores(
 
 
 class TextEncoder(Protocol):
-    """What ``cosine_similarity_texts`` needs (``corpusfactory.embedder.Embedder`` fits)."""
+    """What ``cosine_similarity_texts`` needs (``corpusfactory.engines.embedder.Embedder`` fits)."""
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
 

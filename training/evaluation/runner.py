@@ -33,9 +33,9 @@ import numpy as np
 
 from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.chatformat import ChatFormat, Message
+from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.errors import UsageError, is_transient
 from corpusfactory.failures import FailureRecords
-from corpusfactory.models.registry import resolve_model
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
 from training.data import TrainingConversation, read_jsonl
@@ -262,7 +262,7 @@ class Evaluator:
         a = self.s.admission
         if a.nll_threshold_percentile is None:
             return a.nll_threshold
-        from corpusfactory.scoring.calibration import seed_nll_threshold
+        from corpusfactory.engines.scoring.calibration import seed_nll_threshold
 
         p = self.s.producer
         texts = [m.text for c in load_seeds(p.seed_file, p.seed_format) for m in c.messages]
@@ -276,7 +276,7 @@ class Evaluator:
         return self._base
 
     def _generation_nll(self, lm: CausalLM, out_dir: Path) -> dict[str, Any]:
-        from corpusfactory.scoring.nll import MLMScorer
+        from corpusfactory.engines.scoring.nll import MLMScorer
 
         p = self.s.producer
         seeds = load_seeds(p.seed_file, p.seed_format)[: self.e.generation_prompts]

@@ -51,9 +51,11 @@ from typing import Any
 
 from corpusfactory.cache import cache_root as default_cache_root
 from corpusfactory.errors import BrokerError, JavaMissingError
+from corpusfactory.kafka_clients import majority_of
+from corpusfactory.settings import Settings
 
 HOST = "127.0.0.1"
-POM_PATH = Path(__file__).resolve().parent.parent / "broker" / "pom.xml"
+POM_PATH = Path(__file__).resolve().parents[2] / "broker" / "pom.xml"
 JVM_OPTS_ENV = "CORPUSFACTORY_BROKER_JVM_OPTS"
 COMPLETE_MARKER = "COMPLETE"
 JAVA_MISSING_MESSAGE = (
@@ -440,12 +442,6 @@ CLUSTER_SIZE = 3
 # the machine, so each gets a smaller heap and only the quick C1 JIT, which spares
 # the CPU that C2 compile threads would take from the workers while they start.
 CLUSTER_JVM_OPTS = ("-Xms32m", "-Xmx256m", "-XX:TieredStopAtLevel=1")
-
-
-def majority_of(replicas: int) -> int:
-    """The smallest majority of ``replicas``: the min.insync.replicas that lets a
-    write acknowledged by acks=all survive the loss of any minority of the replicas."""
-    return replicas // 2 + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -891,3 +887,25 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
             raise ConnectionError("connection closed mid-response")
         chunks.extend(chunk)
     return bytes(chunks)
+
+
+def resolve_bootstrap(settings: Settings, start_embedded: bool = True) -> str:
+    """The bootstrap servers: the configured cluster, else the embedded broker."""
+    if settings.kafka.bootstrap_servers:
+        return settings.kafka.bootstrap_servers
+    broker = embedded_broker(settings)
+    address = broker.bootstrap
+    if address is not None and broker.is_running():
+        return address
+    if not start_embedded:
+        raise BrokerError("broker not running: run `corpusfactory broker start`")
+    return broker.start()
+
+
+def embedded_broker(settings: Settings) -> EmbeddedBroker:
+    """The embedded broker living under the settings' state directory."""
+    return EmbeddedBroker(
+        settings.state_path,
+        port=settings.kafka.embedded_port,
+        controller_port=settings.kafka.embedded_controller_port,
+    )

@@ -3,19 +3,19 @@
     corpusfactory ingest FILE --format fauno|baize|oasst|jsonl [--dry-run] [--json]
                          [--language it] [--min-chars N] [--cut-non-target] [--in-flight N]
 
-The refinement (method.md §4, ``corpusfactory.ingest``) runs first and its report
+The refinement (method.md §4, ``producers.ingest``) runs first and its report
 is printed. Messages in another language than ``--language`` are counted and kept,
 as the paper did; ``--cut-non-target`` cuts each conversation before its first
 exchange holding one (``--keep-non-target``, the default, is accepted too).
 Without ``--dry-run`` the surviving conversations then go through the factory's
-scoring and admission turn by turn (``corpusfactory.ingest.publish``), and the
+scoring and admission turn by turn (``producers.ingest.publish``), and the
 accepted prefixes are published to ``corpus.accepted``; the publishing counts are
 printed under ``publish``. The scorer and admitter workers must be
 running on the broker (``KAFKA_BOOTSTRAP_SERVERS``, or the embedded one, which
 must already be started: without workers nothing would ever be decided).
 
 Bad input (a file that is not the given format) raises ``IngestError`` naming the
-file and line before anything is sent; ``corpusfactory.cli.main`` exits with 2.
+file and line before anything is sent; ``corpusfactory.cli.main.main`` exits with 2.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SettingsFn = Callable[[argparse.Namespace], Settings]
 def cmd_ingest(args: argparse.Namespace, s: Settings) -> int:
     import asyncio
 
-    from corpusfactory.ingest import refine_file
+    from producers.ingest import refine_file
 
     language, min_chars, cut = args.language, args.min_chars, args.cut_non_target
     # The whole file is refined before anything is sent: a broken line fails the
@@ -43,8 +43,9 @@ def cmd_ingest(args: argparse.Namespace, s: Settings) -> int:
     )
     out: dict[str, Any] = dict(report)
     if not args.dry_run:
-        from corpusfactory.ingest.publish import IngestPublisher, run_identity
-        from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+        from corpusfactory.engines.broker import resolve_bootstrap
+        from corpusfactory.kafka_clients import ensure_topics
+        from producers.ingest.publish import IngestPublisher, run_identity
 
         bootstrap = resolve_bootstrap(s, start_embedded=False)
         ensure_topics(s, bootstrap)
@@ -76,7 +77,7 @@ def _print_plain(out: dict[str, Any], indent: str = "") -> None:
 def add_commands(
     add: Callable[[str, Callable[[argparse.Namespace], int], str], Any], settings: SettingsFn
 ) -> None:
-    from corpusfactory.ingest.formats import FORMATS
+    from producers.ingest.formats import FORMATS
 
     p = add(
         "ingest",

@@ -5,7 +5,7 @@
 Reads the state directory of the settings (corpus store, seeds, snapshots and their
 evaluations; read-only, so a running factory is fine) and writes ``index.html``,
 ``report.json`` and the figures to ``--out`` (default ``<state_dir>/report``); see
-``corpusfactory.report``. ``--no-seeds`` skips scoring the seed messages (the one
+``corpusfactory.tools.report.build``. ``--no-seeds`` skips scoring the seed messages (the one
 step that loads a model); ``--json`` prints the result (figures, points per series,
 counts) as JSON instead of the short summary.
 """
@@ -24,7 +24,7 @@ SettingsFn = Callable[[argparse.Namespace], Settings]
 
 
 def cmd_report(args: argparse.Namespace, s: Settings) -> int:
-    from corpusfactory.report import build_report
+    from corpusfactory.tools.report.build import build_report
 
     out = Path(args.out) if args.out else s.state_path / "report"
     result = build_report(s, out, seeds_nll=not args.no_seeds)

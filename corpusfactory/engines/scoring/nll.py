@@ -27,7 +27,6 @@ other than the one admitted). An empty text (0 tokens) has ``nll=nan`` and
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,9 @@ import torch
 from torch import nn
 
 from corpusfactory.errors import ModelError
+from corpusfactory.text import split_sentences
 
 Granularity = Literal["message", "sentence"]
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,6 @@ class NLLResult:
     nll: float
     tokens: int
     too_long: bool
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split a message into sentences: after '.', '!' or '?' followed by whitespace."""
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(text.strip())) if s]
 
 
 def _mlm_head(model: nn.Module) -> nn.Module | None:
@@ -123,7 +116,7 @@ class MLMScorer:
     """Scores texts with a masked LM: mean pseudo-NLL per token (see the module docstring).
 
     ``model`` is a local directory or a model id (``demo:scorer`` names the demo scorer
-    built by ``corpusfactory.models.demo``). ``granularity="sentence"`` splits each text
+    built by ``corpusfactory.engines.models.demo``). ``granularity="sentence"`` splits each text
     into sentences, scores each sentence in its own context, and returns the token-weighted
     mean of the sentence scores (the total NLL over the total tokens); a text is then
     ``too_long`` if one of its sentences is longer than ``max_tokens``.
@@ -145,7 +138,7 @@ class MLMScorer:
             raise ValueError(f"granularity must be 'message' or 'sentence', not {granularity!r}")
         name = str(model)
         if name.startswith("demo:"):
-            from corpusfactory.models.registry import resolve_model
+            from corpusfactory.engines.models.registry import resolve_model
 
             name = resolve_model(name)
         self.id = name

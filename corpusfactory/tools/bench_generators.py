@@ -135,8 +135,8 @@ def run(
     """
     import torch
 
-    from corpusfactory.models.registry import resolve_model
-    from producers.generators.base import make_generator
+    from corpusfactory.engines.models.registry import resolve_model
+    from producers.generators.factory import make_generator
     from producers.generators.llamacpp import available_cores
 
     unknown = [b for b in backends if b not in BACKENDS]

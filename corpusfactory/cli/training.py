@@ -33,7 +33,8 @@ def _print(data: Any) -> None:
 
 def cmd_train(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import ACCEPTED
-    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.engines.broker import resolve_bootstrap
+    from corpusfactory.kafka_clients import ensure_topics
     from corpusfactory.metrics import TrainerMetrics, metrics_endpoint
     from training.service import Trainer
 
@@ -55,7 +56,8 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import SNAPSHOTS
-    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.engines.broker import resolve_bootstrap
+    from corpusfactory.kafka_clients import ensure_topics
     from corpusfactory.metrics import EvaluatorMetrics, metrics_endpoint
     from training.evaluation.service import EvaluatorService
 
@@ -131,7 +133,7 @@ def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
 
     encoder = None
     if args.kind == "similarity":
-        from corpusfactory.embedder import Embedder
+        from corpusfactory.engines.embedder import Embedder
 
         encoder = Embedder(args.embedder or s.models.embedder)
     _print(evaluate_task_file(args.file, args.kind, encoder))
@@ -144,7 +146,8 @@ def cmd_build(args: argparse.Namespace, s: Settings) -> int:
 
     bootstrap = None
     if not args.no_announce:
-        from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+        from corpusfactory.engines.broker import resolve_bootstrap
+        from corpusfactory.kafka_clients import ensure_topics
 
         bootstrap = resolve_bootstrap(s, start_embedded=False)
         ensure_topics(s, bootstrap)
@@ -190,7 +193,7 @@ def add_commands(
 ) -> None:
     """Register the commands; ``settings`` builds the Settings from parsed arguments and
     ``common`` adds the shared options (--config, --state-dir) to a parser."""
-    from corpusfactory.cli import metrics_port_flag  # loaded: it is calling us
+    from corpusfactory.cli.common import metrics_port_flag
 
     def bind(fn: Callable[[argparse.Namespace, Settings], int]) -> Callable[..., int]:
         return lambda args: fn(args, settings(args))

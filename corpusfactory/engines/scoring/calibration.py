@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from corpusfactory.scoring.nll import MLMScorer, percentile_of, scored_values
+from corpusfactory.engines.scoring.nll import MLMScorer, percentile_of, scored_values
 
 log = logging.getLogger(__name__)
 

@@ -110,10 +110,10 @@ def _seed_texts(settings: Settings) -> dict[str, str]:
 def prepare_models(settings: Settings) -> None:
     """Build or unpack, once, every model the settings name that the project makes.
 
-    Each is cached (see corpusfactory.models.registry); the first run says what it
+    Each is cached (see corpusfactory.engines.models.registry); the first run says what it
     builds and how long it took, later runs find them at once.
     """
-    from corpusfactory.models.registry import form_for_backend, is_built_here, resolve_model
+    from corpusfactory.engines.models.registry import form_for_backend, is_built_here, resolve_model
 
     wanted = [
         (settings.models.generator, form_for_backend(settings.producer.backend), "generator"),
@@ -134,10 +134,11 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
     """Start workers, produce ``conversations``, drain the corpus; return figures."""
     from consumers.store import CorpusStore
     from consumers.writer import CorpusWriter
-    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
-    from corpusfactory.models.registry import form_for_backend, resolve_model
-    from corpusfactory.stack import WorkerProcess, stop_all
-    from producers.generators.base import make_generator
+    from corpusfactory.engines.broker import resolve_bootstrap
+    from corpusfactory.engines.models.registry import form_for_backend, resolve_model
+    from corpusfactory.kafka_clients import ensure_topics
+    from corpusfactory.tools.stack import WorkerProcess, stop_all
+    from producers.generators.factory import make_generator
     from producers.service import SelfChatProducer
 
     t0 = time.perf_counter()
@@ -201,7 +202,7 @@ def run_pipeline(settings: Settings, conversations: int) -> dict[str, Any]:
 
 def run_training(settings: Settings) -> dict[str, Any]:
     """Train one snapshot on what is new in corpus.accepted, then evaluate what is waiting."""
-    from corpusfactory.kafka_clients import resolve_bootstrap
+    from corpusfactory.engines.broker import resolve_bootstrap
     from serving.builder import Builder
     from training.evaluation.compare import compare_rows, render_table
     from training.evaluation.service import EvaluatorService
@@ -389,7 +390,7 @@ def _summary(result: dict[str, Any]) -> str:
 def run_demo(
     settings: Settings, conversations: int, keep_running: bool = False, train: bool = True
 ) -> int:
-    from corpusfactory.broker import EmbeddedBroker
+    from corpusfactory.engines.broker import EmbeddedBroker
 
     # Each demo run is a new producer, so its conversation count starts at zero while
     # the index and the corpus keep growing from run to run; and it draws new seeds,

@@ -5,19 +5,19 @@ Reads Fauno/Baize transcripts, OpenAssistant trees or JSONL chats
 duplicate-heavy conversations, checks the language of every message and
 removes system prompts, counting every drop by rule (``refine``)::
 
-    from corpusfactory.ingest import refine_file
+    from producers.ingest import refine_file
 
     conversations, report = refine_file("fauno.json", "fauno", language="it")
 """
 
-from corpusfactory.ingest.formats import (
+from producers.ingest.formats import (
     FORMATS,
     IngestError,
     RawConversation,
     Turn,
     read_conversations,
 )
-from corpusfactory.ingest.refine import (
+from producers.ingest.refine import (
     IngestReport,
     RefinedConversation,
     Refiner,

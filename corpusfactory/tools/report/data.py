@@ -1,38 +1,12 @@
-"""The run report: a static HTML page with PNG plots of what a run left on disk.
-
-    from corpusfactory.report import build_report
-    from corpusfactory.settings import load_settings
-
-    result = build_report(load_settings("configs/demo.yaml"), Path("report"))
-
-or from the shell ``corpusfactory report --config configs/demo.yaml [--out DIR]
-[--no-seeds] [--json]`` (``corpusfactory.cli_report``). Open ``index.html`` in a
-browser; ``report.json`` beside it holds the same counts for scripts.
-
-What it reads, all under ``state_dir`` and read-only (a running writer is fine):
-
-* the corpus store (``<state_dir>/corpus``): the accepted conversations and the
-  decision shards. A turn may have several decision records (a replayed turn is
-  answered again with its first decision); each turn counts once, with its first
-  non-replayed decision (or its first record, when only replays were stored);
-* the seed messages (``producer.seed_file``), NLL-scored with ``models.scorer``
-  like the scorer worker does, unless ``seeds_nll=False``;
-* the evaluations of the base model and of every snapshot (``eval compare``).
-
-Figures (``corpusfactory.report_plots``): ``nll_by_corpus.png`` (the paper's
-figure 4 for this run: NLL of the seeds, of the generated and ingested turns
-that were scored, and of the accepted turns), ``acceptance_over_time.png``,
-``cosine_hist.png`` and ``evaluation.png``. A series without data is left out
-and a figure without any data is not drawn; the page says which and why.
+"""What a run left on disk, read for the report: the first decision of each turn, the
+NLL series by corpus, the counts, the evaluation rows. Used by :mod:`.build`,
+:mod:`.html` and :mod:`.plots`; imports no other part of the report.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -141,14 +115,14 @@ def _finite(values: Iterable[Any]) -> list[float]:
     return [v for v in map(number, values) if v is not None]
 
 
-def _scored(decisions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def scored_decisions(decisions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Decisions of turns that were NLL-scored (a turn rejected before has nll = -1)."""
     return [d for d in decisions if _finite([d.get("nll")]) and float(d["nll"]) >= 0.0]
 
 
 def nll_series(data: RunData) -> dict[str, list[float]]:
     """NLL values per corpus (``CORPORA``); a corpus without any value is absent."""
-    scored = _scored(data.decisions)
+    scored = scored_decisions(data.decisions)
     series: dict[str, list[float]] = {
         "seeds": list(data.seeds_nll or ()),
         "generated": [float(d["nll"]) for d in scored if d.get("source") == SELFCHAT],
@@ -179,8 +153,8 @@ def common_threshold(decisions: Iterable[dict[str, Any]], key: str) -> float | N
 
 def seed_nll(settings: Settings) -> list[float]:
     """NLL of every distinct seed message, scored as the scorer worker scores turns."""
-    from corpusfactory.models.registry import resolve_model
-    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.engines.models.registry import resolve_model
+    from corpusfactory.engines.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds, seed_messages
 
     adm = settings.admission
@@ -198,8 +172,8 @@ def seed_nll(settings: Settings) -> list[float]:
         granularity=adm.nll_granularity,
     )
     # Too long or empty messages get no score; the worker rejects such turns unscored.
-    # The scores are cached per scorer and seed set (corpusfactory.scoring.calibration).
-    from corpusfactory.scoring.calibration import seed_nll_values
+    # The scores are cached per scorer and seed set (corpusfactory.engines.scoring.calibration).
+    from corpusfactory.engines.scoring.calibration import seed_nll_values
 
     return seed_nll_values(scorer, texts)[0]
 
@@ -274,56 +248,3 @@ def compute_counts(data: RunData, series: dict[str, list[float]]) -> dict[str, A
         },
         "evaluations": len(data.eval_rows),
     }
-
-
-def build_report(
-    settings: Settings, out_dir: str | os.PathLike[str], *, seeds_nll: bool = True
-) -> ReportResult:
-    """Read the run of ``settings`` and write ``index.html``, ``report.json`` and the PNGs."""
-    from corpusfactory.report_html import render_html
-    from corpusfactory.report_plots import draw_figures
-
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = read_run(settings, seeds_nll=seeds_nll)
-    series = nll_series(data)
-    counts = compute_counts(data, series)
-    notes = list(data.notes)
-    notes.extend(
-        f"NLL by corpus: no {name} data, series left out" for name in CORPORA if name not in series
-    )
-    unsourced = sum(1 for d in _scored(data.decisions) if not d.get("source"))
-    if unsourced:
-        notes.append(
-            f"{unsourced} scored turn(s) without a recorded source (decided before decisions "
-            "carried one) are in neither the generated nor the ingested series"
-        )
-    untimed = sum(1 for d in data.decisions if (number(d.get("decided_at")) or 0.0) <= 0.0)
-    if untimed:
-        notes.append(f"{untimed} decided turn(s) without a decision time are not on the timeline")
-    figures, missing = draw_figures(data, series, counts, out)
-    for name in FIGURE_NAMES:
-        if name in missing:
-            # A figure of an earlier report in this directory must not pass for this run's.
-            (out / f"{name}.png").unlink(missing_ok=True)
-    result = ReportResult(
-        out_dir=out,
-        html=out / HTML_NAME,
-        json=out / JSON_NAME,
-        figures=figures,
-        missing=missing,
-        notes=notes,
-        counts=counts,
-    )
-    generated_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    _write_text(result.json, json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n")
-    _write_text(result.html, render_html(settings, result, data.eval_rows, generated_at))
-    log.info("report: %s (%d figure(s), %d missing)", result.html, len(figures), len(missing))
-    return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write beside, then rename: a browser reloading the page never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

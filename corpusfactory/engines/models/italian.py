@@ -1,6 +1,6 @@
 """The demo's Italian scorer: a small masked LM trained on real Italian text.
 
-The toy ``demo:scorer`` (``corpusfactory.models.demo``) knows only the seed set's
+The toy ``demo:scorer`` (``corpusfactory.engines.models.demo``) knows only the seed set's
 ten thousand words, so its NLL says "sounds like the seeds" rather than "sounds like
 Italian". No Italian BERT can be had offline, so ``build_italian_scorer`` trains one
 here, on CPU, from the one sizeable body of real Italian text the project ships: the
@@ -58,15 +58,15 @@ from typing import Any
 import torch
 
 from corpusfactory.cache import MARKER, cached_build, models_root
-from corpusfactory.errors import ModelError
-from corpusfactory.models.demo import (
+from corpusfactory.engines.models.demo import (
     ScorerHParams,
     _masked_lm_loss,
     _no_progress_bars,
     _schedule,
     _scorer_tokenizer,
 )
-from corpusfactory.scoring.nll import split_sentences
+from corpusfactory.errors import ModelError
+from corpusfactory.text import split_sentences
 
 log = logging.getLogger(__name__)
 

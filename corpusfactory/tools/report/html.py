@@ -1,4 +1,4 @@
-"""The HTML page of the run report (``corpusfactory.report``): one self-contained file.
+"""The HTML page of the run report (``corpusfactory.tools.report.build``): one self-contained file.
 
 ``render_html(settings, result, eval_rows, generated_at)`` returns the page that
 ``build_report`` writes as ``index.html``: the settings in force, the count tables,
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from consumers.store import QUANTILES
-from corpusfactory.report import CORPORA, FIGURE_NAMES, ReportResult
 from corpusfactory.settings import Settings
+from corpusfactory.tools.report.data import CORPORA, FIGURE_NAMES, ReportResult
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from corpusfactory.cli.common import metrics_port_flag
 from corpusfactory.errors import EXIT_INTERRUPTED, CorpusFactoryError, exit_code
 from corpusfactory.redact import RedactingFormatter, redact_text, secret_values, secret_values_in
 from corpusfactory.settings import ENV_PREFIX, Settings, load_settings
@@ -50,7 +51,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from corpusfactory.broker import EmbeddedBroker
+    from corpusfactory.engines.broker import EmbeddedBroker
 
     s = _settings(args)
     if s.kafka.bootstrap_servers:
@@ -82,10 +83,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     import asyncio
 
-    from corpusfactory.kafka_clients import ensure_topics, resolve_bootstrap
+    from corpusfactory.engines.broker import resolve_bootstrap
+    from corpusfactory.engines.models.registry import resolve_model
+    from corpusfactory.kafka_clients import ensure_topics
     from corpusfactory.metrics import ProducerMetrics, metrics_endpoint
-    from corpusfactory.models.registry import resolve_model
-    from producers.generators.base import make_generator
+    from producers.generators.factory import make_generator
     from producers.service import SelfChatProducer
 
     if args.conversations is not None:
@@ -110,8 +112,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from corpusfactory.models.registry import resolve_model
-    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.engines.models.registry import resolve_model
+    from corpusfactory.engines.scoring.nll import MLMScorer
 
     if args.text is not None:
         lines = [args.text]
@@ -152,7 +154,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from consumers.store import CorpusStore
     from consumers.writer import CorpusWriter
-    from corpusfactory.kafka_clients import resolve_bootstrap
+    from corpusfactory.engines.broker import resolve_bootstrap
 
     s = _settings(args)
     if args.action == "write":
@@ -187,8 +189,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from corpusfactory.embedder import Embedder
-    from corpusfactory.index import VectorIndex
+    from corpusfactory.engines.embedder import Embedder
+    from corpusfactory.engines.index import VectorIndex
 
     s = _settings(args, producer={"seed_file": args.file}) if args.file else _settings(args)
     if args.action == "seed":
@@ -208,8 +210,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from corpusfactory.models.demo import build_demo_models
-    from corpusfactory.models.registry import build_all
+    from corpusfactory.engines.models.demo import build_demo_models
+    from corpusfactory.engines.models.registry import build_all
 
     s = _settings(args)
     if args.force:
@@ -226,7 +228,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from corpusfactory.demo import run_demo
+    from corpusfactory.tools.demo import run_demo
 
     s = _settings(args)
     conversations = args.conversations or s.producer.conversations or 24
@@ -234,22 +236,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from corpusfactory.bench import run_bench
+    from corpusfactory.tools.bench import run_bench
 
     return run_bench(args)
 
 
 # -- parser ------------------------------------------------------------------------
-
-
-def metrics_port_flag(p: argparse.ArgumentParser) -> None:
-    """``--metrics-port`` of a long-running command (docs/metrics.md)."""
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve /metrics on this port while running (default: metrics.ports.<component>; "
-        "0 = off)",
-    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -335,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="leave the broker running")
     p.add_argument("--no-training", action="store_true", help="skip the snapshot and evaluation")
 
-    from corpusfactory.cli_training import add_commands
+    from corpusfactory.cli.training import add_commands
 
     add_commands(add, _settings, _common)
-    from corpusfactory.cli_ingest import add_commands as add_ingest
-    from corpusfactory.cli_report import add_commands as add_report
-    from corpusfactory.cli_serving import add_commands as add_serving
+    from corpusfactory.cli.ingest import add_commands as add_ingest
+    from corpusfactory.cli.report import add_commands as add_report
+    from corpusfactory.cli.serving import add_commands as add_serving
 
     add_serving(add, _settings)
     add_ingest(add, _settings)

@@ -84,8 +84,8 @@ def _machine() -> dict[str, Any]:
 
 
 def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.models.registry import resolve_model
-    from corpusfactory.scoring.nll import MLMScorer
+    from corpusfactory.engines.models.registry import resolve_model
+    from corpusfactory.engines.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds
 
     s = load_settings(args.config)
@@ -123,8 +123,8 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.broker import EmbeddedBroker
-    from corpusfactory.demo import run_pipeline
+    from corpusfactory.engines.broker import EmbeddedBroker
+    from corpusfactory.tools.demo import run_pipeline
 
     with tempfile.TemporaryDirectory(prefix="cf-bench-") as tmp:
         s = load_settings(args.config, overrides={"state_dir": tmp})
@@ -183,7 +183,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from corpusfactory.chatformat import ChatFormat
-    from corpusfactory.models.registry import resolve_model
+    from corpusfactory.engines.models.registry import resolve_model
     from corpusfactory.seeds import load_seeds
     from training import dsconfig
     from training.data import TrainingConversation
@@ -409,8 +409,8 @@ def _transformers_speeds(
 def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from corpusfactory.engines.models.registry import resolve_model
     from corpusfactory.errors import ModelError
-    from corpusfactory.models.registry import resolve_model
     from serving.gguf.convert import convert_hf_to_gguf
     from serving.gguf.quantize import quant_ftype, quantize
 
@@ -482,7 +482,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_generators(args: argparse.Namespace) -> dict[str, Any]:
     """Turns/s of the generator backends on Gemma 3 270M (``bench_generators.run``)."""
-    from corpusfactory import bench_generators
+    from corpusfactory.tools import bench_generators
 
     s = load_settings(args.config)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

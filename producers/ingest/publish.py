@@ -78,11 +78,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from corpusfactory import contract
 from corpusfactory.chatformat import Message
 from corpusfactory.errors import ContractError, UsageError
-from corpusfactory.ingest.formats import IngestError
-from corpusfactory.ingest.refine import RefinedConversation
 from corpusfactory.kafka_clients import aiokafka_kwargs
 from corpusfactory.settings import Settings
 from producers.conversation import Conversation, Outcome
+from producers.ingest.formats import IngestError
+from producers.ingest.refine import RefinedConversation
 from producers.state import ConversationStore
 
 log = logging.getLogger(__name__)

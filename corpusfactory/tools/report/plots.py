@@ -1,4 +1,4 @@
-"""The PNG figures of the run report (``corpusfactory.report``), drawn with matplotlib.
+"""The PNG figures of the run report (``corpusfactory.tools.report.build``), drawn with matplotlib.
 
 Called by ``build_report``; ``draw_figures(data, series, counts, out_dir)`` writes
 every figure that has data and returns the ones written and why the others are not.
@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from corpusfactory.contract import ACCEPTED_REASON, REASONS
-from corpusfactory.report import CORPORA, FigureResult, RunData, number, searched_similarities
+from corpusfactory.tools.report.data import (
+    CORPORA,
+    FigureResult,
+    RunData,
+    number,
+    searched_similarities,
+)
 
 if TYPE_CHECKING:  # matplotlib itself is imported only when a figure is drawn
     from matplotlib.figure import Figure

