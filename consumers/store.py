@@ -18,8 +18,9 @@ Guarantees:
 * **Idempotent.** A conversation id already stored is skipped; the set of ids is
   rebuilt from the shards when the store is opened. A decision identical to one
   already stored for the same ``turn_id`` is skipped as well, and the statistics
-  count each ``turn_id`` once (the last decision wins). Undecodable events are
-  counted once per (topic, partition, offset).
+  count each ``turn_id`` once, with its first non-replayed decision
+  (``contract.count_decisions``). Undecodable events are counted once per (topic,
+  partition, offset).
 * **Crash-safe.** A crash in the middle of a write leaves at most a torn last line;
   opening the store for writing truncates it away and logs what was removed (the
   event it held was never committed to Kafka, so it is consumed again).
@@ -40,7 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corpusfactory.contract import REASONS, AcceptedConversation, Decision
+from corpusfactory.contract import (
+    AcceptedConversation,
+    Decision,
+    count_decisions,
+    prefer_decision,
+)
 from corpusfactory.errors import CorpusFactoryError
 from corpusfactory.settings import Settings
 
@@ -341,8 +347,10 @@ class _Tally:
     by_source: Counter[str] = field(default_factory=Counter)
     by_source_truncated: Counter[tuple[str, bool]] = field(default_factory=Counter)
     messages: int = 0
-    # turn_id -> (accepted, reason, nll, digests of the distinct decisions stored)
-    decisions: dict[str, tuple[bool, str, float, tuple[bytes, ...]]] = field(default_factory=dict)
+    # turn_id -> the record that counts for the turn (contract.prefer_decision)
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # turn_id -> digests of the distinct decision lines stored for it
+    digests: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     decision_lines: int = 0
     undecodable: set[tuple[str, int, int]] = field(default_factory=set)
     corrupt_lines: int = 0
@@ -358,11 +366,17 @@ class _Tally:
 
     def add_decision(self, rec: dict[str, Any], digest: bytes) -> None:
         tid = rec["turn_id"]
-        prev = self.decisions.get(tid)
-        seen = prev[3] if prev else ()
+        seen = self.digests.get(tid, ())
         if digest not in seen:
-            seen = (*seen, digest)
-        self.decisions[tid] = (bool(rec["accepted"]), str(rec["reason"]), float(rec["nll"]), seen)
+            self.digests[tid] = (*seen, digest)
+        if prefer_decision(self.decisions.get(tid), rec):
+            self.decisions[tid] = {
+                "turn_id": tid,
+                "accepted": bool(rec["accepted"]),
+                "reason": str(rec["reason"]),
+                "nll": float(rec["nll"]),
+                "replayed": bool(rec.get("replayed")),
+            }
         self.decision_lines += 1
 
 
@@ -607,8 +621,7 @@ class CorpusStore:
             rec = decision_record(dec)
             line = dumps_line(rec)
             digest = _digest(line)
-            prev = t.decisions.get(rec["turn_id"])
-            if (prev is not None and digest in prev[3]) or digest in pending_digests:
+            if digest in t.digests.get(rec["turn_id"], ()) or digest in pending_digests:
                 result.decisions_skipped += 1
                 continue
             pending_digests.add(digest)
@@ -660,7 +673,8 @@ class CorpusStore:
         ``conversations``: stored conversations (each id once): ``total``,
         ``truncated``, ``complete``, ``by_source``, ``messages`` and
         ``mean_messages`` (messages per conversation, None when empty).
-        ``turns``: decided turns, each ``turn_id`` once with its last decision:
+        ``turns``: decided turns, each ``turn_id`` once with its first non-replayed
+        decision (``contract.count_decisions``, the rule the report and producers use):
         ``decided``, ``accepted``, ``rejected``, ``acceptance_rate``
         (accepted / decided, None when none), ``by_reason`` (every contract reason,
         zeros included), ``nll_accepted`` and ``nll_decided`` (p10, p25, p50, p75,
@@ -673,19 +687,15 @@ class CorpusStore:
         """
         t = self._tally
         total = len(t.ids)
-        by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
+        counts = count_decisions(t.decisions.values())
         accepted_nll: list[float] = []
         all_nll: list[float] = []
-        accepted = 0
-        for ok, reason, nll, _ in t.decisions.values():
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-            if nll < 0:
+        for d in t.decisions.values():
+            if d["nll"] < 0:
                 continue  # rejected before scoring (empty, too_long, wrong_language): no NLL
-            all_nll.append(nll)
-            if ok:
-                accepted += 1
-                accepted_nll.append(nll)
-        decided = len(t.decisions)
+            all_nll.append(d["nll"])
+            if d["accepted"]:
+                accepted_nll.append(d["nll"])
         return {
             "conversations": {
                 "total": total,
@@ -696,11 +706,11 @@ class CorpusStore:
                 "mean_messages": (t.messages / total) if total else None,
             },
             "turns": {
-                "decided": decided,
-                "accepted": accepted,
-                "rejected": decided - accepted,
-                "acceptance_rate": (accepted / decided) if decided else None,
-                "by_reason": by_reason,
+                "decided": counts.decided,
+                "accepted": counts.accepted,
+                "rejected": counts.rejected,
+                "acceptance_rate": counts.acceptance_rate,
+                "by_reason": counts.by_reason,
                 "nll_accepted": quantiles(accepted_nll),
                 "nll_decided": quantiles(all_nll),
             },

@@ -50,6 +50,9 @@ import json
 import math
 import re
 import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -94,9 +97,64 @@ class Reason(StrEnum):
     JUDGE_UNPARSED = "judge_unparsed"  # the judge's output held no readable score
 
 
-ACCEPTED_REASON = Reason.ACCEPTED.value
-REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
+_REASON_VALUES = frozenset(r.value for r in Reason)
 JUDGE_ON_UNPARSED = ("reject", "accept")
+
+# --------------------------------------------------------------------------- counting decisions
+
+
+def prefer_decision(prev: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """The one rule for a turn decided more than once: its decision is its first
+    non-replayed record, else (only replays were seen) its first record.
+
+    A replayed decision repeats the first one (the admitter answers a redelivered
+    or resent turn with what it decided before), so counting it again would count
+    the turn twice. Used by the corpus store, the report and the producers.
+    """
+    return prev is None or (bool(prev.get("replayed")) and not bool(new.get("replayed")))
+
+
+def first_decisions(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One decision record per ``turn_id`` (:func:`prefer_decision`), in first-seen order."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        tid = str(rec["turn_id"])
+        if prefer_decision(chosen.get(tid), rec):
+            chosen[tid] = dict(rec)
+    return list(chosen.values())
+
+
+@dataclass(frozen=True)
+class DecisionCounts:
+    """Decided turns (each once), accepted, and every reason (the contract's at 0 too)."""
+
+    decided: int
+    accepted: int
+    by_reason: dict[str, int]
+
+    @property
+    def rejected(self) -> int:
+        return self.decided - self.accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.decided if self.decided else None
+
+
+def count_decisions(records: Iterable[Mapping[str, Any]]) -> DecisionCounts:
+    """Count decision records (dicts with ``turn_id``, ``accepted``, ``reason`` and
+    optionally ``replayed``), each turn once by :func:`prefer_decision`.
+
+    ``by_reason`` lists every :class:`Reason` (zeros included) in the enum's order,
+    then any reason this version does not know, sorted."""
+    chosen = first_decisions(records)
+    found = Counter(str(d["reason"]) for d in chosen)
+    by_reason = {r.value: found.pop(r.value, 0) for r in Reason}
+    by_reason.update(sorted(found.items()))
+    accepted = sum(1 for d in chosen if d.get("accepted"))
+    return DecisionCounts(decided=len(chosen), accepted=accepted, by_reason=by_reason)
+
+
 JUDGE_MAX_SCORE = 5.0
 JUDGE_OUTPUT_CHARS = 500  # how much of the judge's raw output a scored turn keeps
 
@@ -522,7 +580,7 @@ def decode_candidate(
 def decode_decision(raw: bytes | None) -> Decision:
     data = decode_json(raw, "decision")
     fields = _check_fields(Decision, data, "decision")
-    if fields["reason"] not in REASONS:
+    if fields["reason"] not in _REASON_VALUES:
         raise ContractError(f"decision: unknown reason {fields['reason']!r}")
     _check_judge_score(fields.get("judge_score"), "decision")
     return Decision(**fields)

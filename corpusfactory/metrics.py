@@ -11,7 +11,7 @@ the caller's choice::
     server = serve_metrics(settings, "scorer", metrics)   # None when disabled
 
 Names, labels and ports are the contract in ``docs/metrics.md``; the rejection
-reasons are ``corpusfactory.contract.REASONS``, exported from start-up at 0 so
+reasons are ``corpusfactory.contract.Reason``, exported from start-up at 0 so
 that a reason that never happened reads as a rate of 0, not as missing data.
 Consumer lag is read from Kafka when Prometheus scrapes (``LagCollector``), in
 the HTTP server's thread, never on a component's event loop.
@@ -142,7 +142,7 @@ class AdmitterMetrics(ComponentMetrics):
         self.decisions = self._counter(
             "decisions", "First decisions of turns, by reason.", ["reason"]
         )
-        for reason in contract.REASONS:
+        for reason in contract.Reason:
             self.decisions.labels(reason)
         self.replayed = self._counter(
             "decisions_replayed", "Decisions repeated for turns decided before."

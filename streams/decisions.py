@@ -72,6 +72,19 @@ def precheck(
     return ""
 
 
+def scored_precheck(*, tokens: int, too_long: bool, nll: float) -> str:
+    """A structural rejection reason found by the scorer, or "" when the NLL stands.
+
+    A text longer than the scorer's window (``too_long``) is ``too_long``; one with no
+    scorable token or a non-finite NLL (nothing left after tokenization) is ``empty``.
+    """
+    if too_long:
+        return Reason.TOO_LONG
+    if tokens == 0 or not math.isfinite(nll):
+        return Reason.EMPTY
+    return ""
+
+
 def decide(
     cand: Candidate,
     nearest: Nearest | None,

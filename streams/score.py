@@ -18,13 +18,12 @@ the agent starts, beside the other models.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from corpusfactory import contract
-from corpusfactory.contract import CandidateTurn, Reason, ScoredTurn
+from corpusfactory.contract import CandidateTurn, ScoredTurn
 from corpusfactory.engines.embedder import Embedder
 from corpusfactory.engines.language import LanguageCheck
 from corpusfactory.engines.models.registry import resolve_model
@@ -32,7 +31,7 @@ from corpusfactory.engines.scoring.calibration import seed_nll_threshold
 from corpusfactory.engines.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
-from streams.decisions import precheck
+from streams.decisions import precheck, scored_precheck
 from streams.judge import Judge, JudgeResult, make_judge_generator
 
 log = logging.getLogger(__name__)
@@ -108,11 +107,8 @@ class ScoringModels:
         t1 = time.perf_counter()
         for i, res in zip(todo, results, strict=True):
             tokens[i] = res.tokens
-            if res.too_long:
-                reasons[i] = Reason.TOO_LONG
-            elif res.tokens == 0 or not math.isfinite(res.nll):
-                reasons[i] = Reason.EMPTY
-            else:
+            reasons[i] = scored_precheck(tokens=res.tokens, too_long=res.too_long, nll=res.nll)
+            if not reasons[i]:
                 nll[i] = float(res.nll)
         keep = [i for i, r in enumerate(reasons) if not r]
         vectors = self.embedder.encode([texts[i] for i in keep])

@@ -18,11 +18,11 @@ from consumers.writer import CorpusWriter
 from corpusfactory.contract import (
     ACCEPTED,
     DECISIONS,
-    REASONS,
     SCHEMA_VERSION,
     AcceptedConversation,
     AcceptedTurn,
     Decision,
+    Reason,
     encode,
 )
 from corpusfactory.kafka_clients import ensure_topics, kafka_python_kwargs
@@ -250,7 +250,7 @@ EXPECTED_STATS = {
         "rejected": 3,
         "acceptance_rate": pytest.approx(0.7),
         "by_reason": {  # every contract reason, zeros included
-            **dict.fromkeys(REASONS, 0),
+            **{r.value: 0 for r in Reason},
             "accepted": 7,
             "duplicate": 1,
             "low_quality": 2,

@@ -190,9 +190,9 @@ def test_reasons_are_one_enum_carried_as_strings() -> None:
     from streams.judge import judge_decision
 
     assert contract.SCHEMA_VERSION == 1
-    assert tuple(r.value for r in Reason) == contract.REASONS
-    assert len(set(contract.REASONS)) == len(contract.REASONS) == 9
-    assert contract.ACCEPTED_REASON == "accepted" == Reason.ACCEPTED
+    values = [r.value for r in Reason]
+    assert len(set(values)) == len(values) == 9
+    assert Reason.ACCEPTED == "accepted"
     # An event carries the plain string, and reads back equal to the member.
     assert json.dumps({"reason": Reason.JUDGE_LOW}) == '{"reason": "judge_low"}'
     assert Reason(json.loads('"judge_unparsed"')) is Reason.JUDGE_UNPARSED
@@ -399,3 +399,27 @@ def test_a_dead_letter_always_encodes() -> None:
     assert len(data["error"]) == contract.ERROR_MAX_CHARS and "\\ud800" in data["error"]
     assert data["value"].endswith(f"[{contract.DEAD_VALUE_MAX_BYTES + 10} bytes]")
     assert len(data["value"].encode()) <= contract.DEAD_VALUE_MAX_BYTES
+
+
+def test_count_decisions_counts_each_turn_once_with_its_first_non_replayed() -> None:
+    records = [
+        {"turn_id": "a", "accepted": False, "reason": "low_quality", "replayed": True},
+        {"turn_id": "a", "accepted": True, "reason": "accepted", "replayed": False},
+        {"turn_id": "a", "accepted": False, "reason": "duplicate", "replayed": False},
+        {"turn_id": "b", "accepted": True, "reason": "accepted", "replayed": True},
+        {"turn_id": "b", "accepted": True, "reason": "accepted", "replayed": True},
+        {"turn_id": "c", "accepted": False, "reason": "from_the_future"},
+    ]
+    counts = contract.count_decisions(records)
+    assert (counts.decided, counts.accepted, counts.rejected) == (3, 2, 1)
+    assert counts.acceptance_rate == pytest.approx(2 / 3)
+    assert list(counts.by_reason)[: len(Reason)] == [r.value for r in Reason]
+    assert counts.by_reason["accepted"] == 2
+    assert counts.by_reason["low_quality"] == counts.by_reason["duplicate"] == 0
+    assert counts.by_reason["from_the_future"] == 1
+    assert [d["reason"] for d in contract.first_decisions(records)] == [
+        "accepted",
+        "accepted",
+        "from_the_future",
+    ]
+    assert contract.count_decisions([]).acceptance_rate is None

@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from corpusfactory import contract
 from corpusfactory.contract import Reason
 from streams.decisions import (
     Candidate,
@@ -16,6 +15,7 @@ from streams.decisions import (
     decide,
     decide_batch,
     precheck,
+    scored_precheck,
 )
 
 
@@ -160,7 +160,7 @@ def judged(
 
 
 def test_judge_reasons_are_contract_reasons() -> None:
-    assert {Reason.JUDGE_LOW, Reason.JUDGE_UNPARSED} <= set(contract.REASONS)
+    assert {Reason.JUDGE_LOW, Reason.JUDGE_UNPARSED} <= set(Reason)
 
 
 def test_the_judge_comes_last_after_every_other_filter() -> None:
@@ -222,3 +222,11 @@ def test_a_pre_checked_out_turn_after_an_accepted_one_in_the_same_batch() -> Non
         (True, Reason.ACCEPTED, ""),
         (False, Reason.EMPTY, ""),
     ]
+
+
+def test_scored_precheck_sets_too_long_and_empty_after_scoring() -> None:
+    assert scored_precheck(tokens=12, too_long=False, nll=3.5) == ""
+    assert scored_precheck(tokens=600, too_long=True, nll=3.5) == Reason.TOO_LONG
+    assert scored_precheck(tokens=0, too_long=False, nll=0.0) == Reason.EMPTY
+    assert scored_precheck(tokens=4, too_long=False, nll=float("nan")) == Reason.EMPTY
+    assert scored_precheck(tokens=4, too_long=False, nll=float("inf")) == Reason.EMPTY

@@ -74,7 +74,7 @@ def decision(
 
 def test_every_reason_is_exported_at_zero_from_the_start() -> None:
     got = samples(AdmitterMetrics())
-    for reason in contract.REASONS:
+    for reason in contract.Reason:
         assert got["corpusfactory_decisions_total", (("reason", reason),)] == 0.0
     info = ("corpusfactory_component_info", (("component", "admitter"), ("version", "0.1.0")))
     assert got[info] == 1.0

@@ -17,12 +17,17 @@ from PIL import Image
 from consumers.store import CorpusStore
 from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.cli.main import main
-from corpusfactory.contract import SCHEMA_VERSION, AcceptedConversation, AcceptedTurn, Decision
+from corpusfactory.contract import (
+    SCHEMA_VERSION,
+    AcceptedConversation,
+    AcceptedTurn,
+    Decision,
+    first_decisions,
+)
 from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.seeds import load_seeds, seed_messages
 from corpusfactory.settings import Settings, load_settings
 from corpusfactory.tools.report.build import build_report
-from corpusfactory.tools.report.data import first_decisions
 from corpusfactory.tools.report.plots import time_bins
 from training.snapshots import BASE_ID, MANIFEST, SnapshotStore
 

@@ -18,11 +18,11 @@ from consumers.store import (
     quantiles,
 )
 from corpusfactory.contract import (
-    REASONS,
     SCHEMA_VERSION,
     AcceptedConversation,
     AcceptedTurn,
     Decision,
+    Reason,
 )
 from corpusfactory.settings import Settings
 
@@ -61,8 +61,16 @@ def conv(
     )
 
 
-def decision(turn_id: str, accepted: bool, reason: str, nll: float, at: float = 1.0) -> Decision:
+def decision(
+    turn_id: str,
+    accepted: bool,
+    reason: str,
+    nll: float,
+    at: float = 1.0,
+    replayed: bool = False,
+) -> Decision:
     return Decision(
+        replayed=replayed,
         schema_version=SCHEMA_VERSION,
         turn_id=turn_id,
         conversation_id="c",
@@ -173,7 +181,9 @@ def test_identical_decisions_are_not_stored_twice(tmp_path: Path) -> None:
         st = store.stats()
     assert st["decision_records"] == 2
     assert st["turns"]["decided"] == 1
-    assert st["turns"]["accepted"] == 1  # the last decision wins
+    # The first non-replayed decision counts (contract.count_decisions), as the
+    # producer applied it and the report counts it.
+    assert st["turns"]["accepted"] == 0
 
 
 def test_torn_last_line_is_repaired_on_open(
@@ -260,8 +270,10 @@ def test_stats_math(tmp_path: Path) -> None:
         decision("t2", True, "accepted", 2.0),
         decision("t3", False, "duplicate", 3.0),
         decision("t4", False, "low_quality", 4.0),
-        decision("t5", False, "low_quality", 5.0),
-        decision("t5", True, "accepted", 0.5, at=2.0),  # t5 replaced: last wins
+        # Only a replay of t5 came first: its first non-replayed decision counts.
+        decision("t5", False, "low_quality", 5.0, replayed=True),
+        decision("t5", True, "accepted", 0.5, at=2.0),
+        decision("t2", False, "duplicate", 2.0, at=3.0),  # a re-decision: the first counts
         decision("t6", False, "empty", 0.0),
     ]
     bad = Undecodable("corpus.accepted", 0, 7, b"k", b"\xff garbage", "not UTF-8")
@@ -288,7 +300,7 @@ def test_stats_math(tmp_path: Path) -> None:
     assert turns["acceptance_rate"] == pytest.approx(0.5)
     # every contract reason, zeros included
     assert turns["by_reason"] == {
-        **dict.fromkeys(REASONS, 0),
+        **{r.value: 0 for r in Reason},
         "accepted": 3,
         "duplicate": 1,
         "low_quality": 1,
@@ -303,7 +315,7 @@ def test_stats_math(tmp_path: Path) -> None:
         {"p10": 0.25, "p25": 0.625, "p50": 1.5, "p75": 2.75, "p90": 3.5}
     )
     assert st["undecodable"] == 1
-    assert st["decision_records"] == 7
+    assert st["decision_records"] == 8
     # The same figures after reopening (rebuilt from the shards).
     with CorpusStore(tmp_path) as store:
         assert store.stats() == st

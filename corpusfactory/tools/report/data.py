@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.store import CorpusStore, CorpusStoreError, corpus_dir, quantiles
-from corpusfactory.contract import REASONS
+from corpusfactory.contract import count_decisions, first_decisions
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,22 +86,6 @@ class RunData:
     seeds_nll: list[float] | None = None  # None: not scored
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def first_decisions(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One decision per turn: its first non-replayed record, else its first record.
-
-    A replayed decision repeats the first one, so counting it again would count the
-    turn twice; it only stands in for a turn whose first record is not stored. The
-    turns keep the order in which they first appear.
-    """
-    chosen: dict[str, dict[str, Any]] = {}
-    for rec in records:
-        tid = rec["turn_id"]
-        prev = chosen.get(tid)
-        if prev is None or (prev.get("replayed") and not rec.get("replayed")):
-            chosen[tid] = rec
-    return list(chosen.values())
 
 
 def number(value: Any) -> float | None:
@@ -212,17 +196,10 @@ def read_run(settings: Settings, *, seeds_nll: bool = True) -> RunData:
     return data
 
 
-def _reason_counts(decisions: list[dict[str, Any]]) -> dict[str, int]:
-    found = Counter(str(d["reason"]) for d in decisions)
-    out = {r: found.pop(r, 0) for r in REASONS}
-    out.update(sorted(found.items()))  # reasons this version does not know, if any
-    return out
-
-
 def compute_counts(data: RunData, series: dict[str, list[float]]) -> dict[str, Any]:
     """The report's tables (also ``report.json``)."""
-    decided = len(data.decisions)
-    accepted = sum(1 for d in data.decisions if d.get("accepted"))
+    counts = count_decisions(data.decisions)
+    decided = counts.decided
     by_source = Counter(str(d.get("source") or "") for d in data.decisions)
     conv_sources = Counter(str(c.get("source", "")) for c in data.conversations)
     return {
@@ -230,9 +207,9 @@ def compute_counts(data: RunData, series: dict[str, list[float]]) -> dict[str, A
             "records": data.decision_records,
             "turns": decided,
             "repeated_records": data.decision_records - decided,
-            "accepted": accepted,
-            "acceptance_rate": accepted / decided if decided else None,
-            "by_reason": _reason_counts(data.decisions),
+            "accepted": counts.accepted,
+            "acceptance_rate": counts.acceptance_rate,
+            "by_reason": counts.by_reason,
             "by_source": dict(sorted(by_source.items())),
             "nll_threshold": common_threshold(data.decisions, "nll_threshold"),
             "similarity_threshold": common_threshold(data.decisions, "similarity_threshold"),

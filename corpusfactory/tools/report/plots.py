@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from corpusfactory.contract import ACCEPTED_REASON, REASONS
+from corpusfactory.contract import Reason
 from corpusfactory.tools.report.data import (
     CORPORA,
     FigureResult,
@@ -136,9 +136,10 @@ def acceptance_figure(decisions: Sequence[dict[str, Any]], path: Path) -> dict[s
         if reason not in counts:
             counts[reason] = np.zeros(n)
         counts[reason][min(n - 1, int((t - t0) // width))] += 1
-    order = [r for r in REASONS if r in counts] + sorted(r for r in counts if r not in REASONS)
+    known = [r.value for r in Reason]
+    order = [r for r in known if r in counts] + sorted(r for r in counts if r not in known)
     total = sum(counts.values(), np.zeros(n))
-    accepted = counts.get(ACCEPTED_REASON, np.zeros(n))
+    accepted = counts.get(Reason.ACCEPTED, np.zeros(n))
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = np.where(total > 0, accepted / total, np.nan)
     unit, scale = _time_unit(width)
@@ -150,7 +151,7 @@ def acceptance_figure(decisions: Sequence[dict[str, Any]], path: Path) -> dict[s
     top.set_ylabel("acceptance rate")
     top.set_title(f"Admission over time (bins of {width:g} s)")
     base = np.zeros(n)
-    cmap = {ACCEPTED_REASON: "tab:green"}
+    cmap: dict[str, str] = {Reason.ACCEPTED.value: "tab:green"}
     palette = iter(("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
                     "tab:gray", "tab:olive", "tab:cyan", "tab:blue"))  # fmt: skip
     for reason in order:
