@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import atomic_open, fsync_dir
 from corpusfactory.contract import (
     AcceptedConversation,
     Decision,
@@ -180,14 +181,6 @@ def quantiles(values: Iterable[float]) -> dict[str, float | None]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _digest(line: bytes) -> bytes:
     return hashlib.blake2b(line, digest_size=12).digest()
 
@@ -252,7 +245,7 @@ class _ShardSet:
             self._index = 0
             self._lines = 0
             self._fh = (self.root / self.name(0)).open("ab")
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def append(self, lines: list[bytes]) -> None:
         for line in lines:
@@ -269,7 +262,7 @@ class _ShardSet:
         self._index += 1
         self._lines = 0
         self._fh = (self.root / self.name(self._index)).open("ab")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.info("corpus store: started shard %s", self.name(self._index))
 
     def sync(self) -> None:
@@ -729,19 +722,10 @@ class CorpusStore:
         """
         out = Path(out_path).expanduser().resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         n = 0
-        try:
-            with tmp.open("wb") as fh:
-                for raw, _ in self._iter_accepted(include_truncated):
-                    fh.write(raw)
-                    n += 1
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-            _fsync_dir(out.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_open(out, binary=True) as fh:
+            for raw, _ in self._iter_accepted(include_truncated):
+                fh.write(raw)
+                n += 1
         log.info("corpus store: exported %d conversation(s) to %s", n, out)
         return n

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import write_text_atomic
 from corpusfactory.errors import UsageError
 from corpusfactory.settings import load_settings
 
@@ -517,5 +518,5 @@ def run_bench(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(Path(args.out), text + "\n")
     return 0

@@ -15,11 +15,11 @@ Q4_K_M), gate each build, and print one chat answer from the Q4_K_M build.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
+from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.contract import Reason
 from corpusfactory.settings import Settings
 
@@ -416,7 +416,7 @@ def run_demo(
         if broker is not None and not keep_running:
             broker.stop()
     out = settings.state_path / "demo-summary.json"
-    out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    write_json_atomic(out, result)
     print(_summary(result))
     if "training" in result:
         print(_training_summary(result["training"]))

@@ -15,7 +15,7 @@ import pytest
 
 from corpusfactory.errors import GeneratorError, GeneratorUnavailableError
 from corpusfactory.settings import GenerationSettings, ProducerSettings
-from producers.generators import base
+from producers.generators import factory
 from producers.generators.base import Generator, cut_at_stop, derive_seed
 from producers.generators.factory import make_generator
 from producers.generators.openai_compat import OpenAICompatGenerator, parse_retry_after
@@ -45,12 +45,12 @@ def test_derive_seed_is_stable_and_varies_with_counter() -> None:
 def test_missing_backend_package_names_the_install_command(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = base.importlib.util.find_spec
+    real = factory.importlib.util.find_spec
 
     def fake_find_spec(name: str, *args: Any) -> Any:
         return None if name == "vllm" else real(name, *args)
 
-    monkeypatch.setattr(base.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(factory.importlib.util, "find_spec", fake_find_spec)
     settings = ProducerSettings(backend="vllm")
     with pytest.raises(GeneratorError, match=r"pip install vllm"):
         make_generator(settings, "some/model", "cuda")

@@ -77,9 +77,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -87,6 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from corpusfactory.atomicio import write_jsonl_atomic
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.errors import InputFileError
 from training.evaluation.lm import CausalLM
@@ -419,15 +418,6 @@ def build_prompt(
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    # Written beside the target and renamed: a reader never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def evaluate_evalita(
     lm: CausalLM,
     task: str,
@@ -492,7 +482,7 @@ def evaluate_evalita(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = (out / f"{task}.predictions.jsonl").resolve()
-    _write_jsonl_atomic(pred_path, rows)
+    write_jsonl_atomic(pred_path, rows)
 
     scores_all = classification_scores(
         [r["label"] for r in rows], [r["prediction"] for r in rows], labels=spec.labels

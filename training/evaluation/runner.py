@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from corpusfactory.atomicio import write_json_atomic
+from corpusfactory.atomicio import write_json_atomic, write_jsonl_atomic
 from corpusfactory.chatformat import ChatFormat, Message
 from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.errors import UsageError, is_transient
@@ -49,19 +49,6 @@ EVALITA_TASKS = ("ami2020", "ironita2018", "sentipolc2014")
 
 # Called with (task, error) when a task fails and the evaluation should go on.
 OnError = Callable[[str, Exception], None]
-
-
-def _jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    import json
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Evaluator:
@@ -244,7 +231,7 @@ class Evaluator:
             totals["base"][0] += base_nll
             totals["base"][1] += base_tokens
         pred = out_dir / "heldout.predictions.jsonl"
-        _jsonl(pred, rows)
+        write_jsonl_atomic(pred, rows)
         mean = totals["model"][0] / totals["model"][1]
         base_mean = totals["base"][0] / totals["base"][1]
         return {
@@ -309,7 +296,7 @@ class Evaluator:
             for (s, o), r in zip(scored, results, strict=True)
         ]  # fmt: skip
         pred = out_dir / "generation_nll.predictions.jsonl"
-        _jsonl(pred, rows)
+        write_jsonl_atomic(pred, rows)
         nlls = np.array([r["nll"] for r in rows], dtype=float)
         summary: dict[str, Any] = {
             "n": len(rows),

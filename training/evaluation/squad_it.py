@@ -37,15 +37,14 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from corpusfactory.atomicio import write_jsonl_atomic
 from corpusfactory.chatformat import ChatFormat, Message
 from training.evaluation.metrics import squad_scores
 
@@ -241,20 +240,6 @@ def rescore_predictions(path: str | Path) -> dict[str, Any]:
     return _scores(predictions, references)
 
 
-def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    # Written beside the target then renamed, so a crash never leaves a half file under the
-    # final name (os.replace is atomic within one filesystem).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def evaluate_squad_it(
     lm: GeneratorLM,
     path: str | Path,
@@ -300,7 +285,7 @@ def evaluate_squad_it(
     ]
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomic(out / PREDICTIONS_FILE, rows)
+    write_jsonl_atomic(out / PREDICTIONS_FILE, rows)
     scores = _scores(predictions, {it.id: it.answers for it in items})
     return {
         "task": "squad_it",

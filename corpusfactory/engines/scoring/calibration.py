@@ -21,11 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from corpusfactory.atomicio import write_json_atomic
 from corpusfactory.engines.scoring.nll import MLMScorer, percentile_of, scored_values
 
 log = logging.getLogger(__name__)
@@ -72,10 +71,8 @@ def seed_nll_values(
     values = scored_values(scorer.score(list(texts)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"scorer": scorer.id, "texts": len(texts), "values": values}, fh)
-        os.replace(tmp, path)
+        record = {"scorer": scorer.id, "texts": len(texts), "values": values}
+        write_json_atomic(path, record, indent=None)
     except OSError as exc:  # a read-only cache costs time at the next start, nothing else
         log.warning("cannot store the NLL calibration in %s: %s", folder, exc)
     return values, False
