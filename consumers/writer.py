@@ -35,7 +35,7 @@ from corpusfactory.contract import (
     decode_decision,
 )
 from corpusfactory.errors import ContractError
-from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import WriterMetrics
 from corpusfactory.settings import Settings
 
@@ -103,18 +103,16 @@ class CorpusWriter:
 
     def _ensure_consumer(self) -> KafkaConsumer:
         if self._consumer is None:
-            kwargs: dict[str, Any] = dict(kafka_python_kwargs(self.settings.kafka, self.bootstrap))
-            kwargs.setdefault("bootstrap_servers", self.bootstrap)
-            kwargs.update(
+            consumer = kafka_consumer(
+                self.settings.kafka,
+                self.bootstrap,
                 group_id=self.group_id,
                 client_id=f"corpusfactory-{GROUP_SUFFIX}",
-                enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 isolation_level="read_committed",
                 max_poll_records=self.max_poll_records,
                 max_partition_fetch_bytes=max(1_048_576, self.settings.kafka.max_message_bytes),
             )
-            consumer = KafkaConsumer(**kwargs)
             consumer.subscribe([self.accepted_topic, self.decisions_topic])
             self._consumer = consumer
             log.info(

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import faust
 from aiokafka.helpers import create_ssl_context
 from faust.transport.drivers.aiokafka import Producer as FaustAIOKafkaProducer
 from faust.types import ProducerT
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from corpusfactory.contract import ALL_TOPICS, SCORED, SINGLE_PARTITION_TOPICS
-from corpusfactory.errors import BrokerError, ConfigError
+from corpusfactory.errors import BrokerError, ConfigError, ContractError
 from corpusfactory.settings import KafkaSettings, Settings
+
+T = TypeVar("T")
 
 # turns.scored has one partition: the admission stage is a single writer, so
 # the order of admissions (and thus of duplicate detection) is total.
@@ -120,6 +122,88 @@ def kafka_python_producer_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[s
     """Keyword arguments for kafka-python's ``KafkaProducer``: the client ones, acks=all
     and idempotence."""
     return {**kafka_python_kwargs(kafka, bootstrap), **RELIABLE_PRODUCER}
+
+
+# --------------------------------------------------------------------------- kafka-python helpers
+#
+# The synchronous side of the project (trainer, evaluator, builder, model follower,
+# corpus writer, metrics) reaches Kafka through kafka-python and these helpers only:
+# one consumer builder, one way to assign and position partitions, one bounded
+# poll-and-decode loop, one announcement. The stream workers use faust
+# (``ReliableFaustApp``) and the producers aiokafka (``aiokafka_kwargs``).
+
+
+def consumer(kafka: KafkaSettings, bootstrap: str, **options: Any) -> KafkaConsumer:
+    """A kafka-python consumer that commits nothing by itself (``enable_auto_commit``
+    off unless ``options`` say otherwise); ``options`` go to ``KafkaConsumer``."""
+    return KafkaConsumer(
+        **kafka_python_kwargs(kafka, bootstrap), **{"enable_auto_commit": False, **options}
+    )
+
+
+def assign(
+    client: KafkaConsumer,
+    topic: str,
+    start: Literal["committed", "beginning", "end"] = "committed",
+    partitions: Sequence[int] | None = None,
+    fallback: Literal["beginning", "end"] = "beginning",
+) -> list[TopicPartition]:
+    """Assign ``topic``'s partitions (all of them unless ``partitions``) and position
+    each: at the group's committed offset (``fallback`` where the group has none), the
+    beginning or the end. Raises BrokerError when the topic does not exist."""
+    if partitions is None:
+        found = client.partitions_for_topic(topic)
+        if not found:
+            raise BrokerError(f"topic {topic} does not exist (run the workers first)")
+        partitions = sorted(found)
+    tps = [TopicPartition(topic, p) for p in partitions]
+    client.assign(tps)
+    for tp in tps:
+        where = start
+        if start == "committed" and client.committed(tp) is None:
+            where = fallback
+        if where == "end":
+            client.seek_to_end(tp)
+        elif where == "beginning":
+            client.seek_to_beginning(tp)
+    return tps
+
+
+def read_until(
+    client: KafkaConsumer,
+    goal: Mapping[TopicPartition, int],
+    decode: Callable[[Any], T],
+    timeout_s: float | None = None,
+) -> list[tuple[TopicPartition, int, T]]:
+    """Poll the assigned partitions until each reaches its ``goal`` offset, decoding
+    every record below it with ``decode``; a record ``decode`` rejects with
+    ContractError is skipped. Returns (partition, offset, value) in arrival order.
+    Raises TimeoutError after ``timeout_s`` (None: no limit)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    out: list[tuple[TopicPartition, int, T]] = []
+    while any(client.position(tp) < end for tp, end in goal.items()):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"could not read {sorted(map(str, goal))} to {dict(goal)}")
+        for tp, records in client.poll(timeout_ms=1000).items():
+            for rec in records:
+                if tp in goal and rec.offset >= goal[tp]:
+                    continue
+                try:
+                    out.append((tp, rec.offset, decode(rec.value)))
+                except ContractError:
+                    continue
+    return out
+
+
+def announce(kafka: KafkaSettings, bootstrap: str, topic: str, key: str, value: bytes) -> None:
+    """Send one record with the reliable producer settings and wait until it is
+    acknowledged (a snapshot or build announcement: rare, so no producer is kept)."""
+    producer = KafkaProducer(**kafka_python_producer_kwargs(kafka, bootstrap))
+    try:
+        producer.send(topic, key=key.encode(), value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
 
 
 def faust_broker_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:

@@ -396,14 +396,16 @@ class LagCollector(Collector):
         self._consumer: Any = None
 
     def _read(self) -> dict[str, int]:
-        from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+        from kafka import KafkaAdminClient, TopicPartition
 
-        from corpusfactory.kafka_clients import kafka_python_kwargs
+        from corpusfactory.kafka_clients import consumer, kafka_python_kwargs
 
-        kw = kafka_python_kwargs(self.settings.kafka, self.bootstrap)
+        kafka = self.settings.kafka
         if self._admin is None:
-            self._admin = KafkaAdminClient(**kw, client_id=f"{self.group}-lag")
-            self._consumer = KafkaConsumer(**kw, group_id=None, enable_auto_commit=False)
+            self._admin = KafkaAdminClient(
+                **kafka_python_kwargs(kafka, self.bootstrap), client_id=f"{self.group}-lag"
+            )
+            self._consumer = consumer(kafka, self.bootstrap, group_id=None)
         # kafka-python 3: {group: {TopicPartition: OffsetAndMetadata}}; a group that
         # never committed has no entry.
         committed = self._admin.list_group_offsets([self.group]).get(self.group) or {}

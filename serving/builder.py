@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from corpusfactory.chatformat import ChatFormat
 from corpusfactory.contract import (
@@ -41,7 +40,8 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
+from corpusfactory.kafka_clients import announce, assign
+from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import BuilderMetrics
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import Settings
@@ -213,36 +213,27 @@ class Builder:
     def _announce(self, build: Build) -> None:
         if self.bootstrap is None:
             return
-        producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
-        try:
-            record = BuildPublished(
-                schema_version=SCHEMA_VERSION,
-                snapshot_id=build.snapshot,
-                quant=build.quant,
-                path=str(build.path),
-                size_bytes=int(build.record["size_bytes"]),
-                gate=build.record["gate"],
-                published=build.published,
-                built_at=float(build.record["built_at"]),
-            )
-            producer.send(self.s.topic(BUILDS), key=build.snapshot.encode(), value=encode(record))
-            producer.flush(timeout=30)
-        finally:
-            producer.close()
+        record = BuildPublished(
+            schema_version=SCHEMA_VERSION,
+            snapshot_id=build.snapshot,
+            quant=build.quant,
+            path=str(build.path),
+            size_bytes=int(build.record["size_bytes"]),
+            gate=build.record["gate"],
+            published=build.published,
+            built_at=float(build.record["built_at"]),
+        )
+        announce(self.s.kafka, self.bootstrap, self.s.topic(BUILDS), build.snapshot, encode(record))
 
     def follow(self, stop: threading.Event) -> int:
         """Catch up, then build each snapshot announced on ``models.snapshots``."""
         assert self.bootstrap is not None, "following needs Kafka"
         made = len(self.build_all())
         group = f"{self.s.kafka.topic_prefix}{self.s.serving.builder_group_id}"
-        consumer = KafkaConsumer(
-            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",  # earlier snapshots were caught up above
-        )
-        tp = TopicPartition(self.s.topic(SNAPSHOTS), 0)
-        consumer.assign([tp])
+        consumer = kafka_consumer(self.s.kafka, self.bootstrap, group_id=group)
+        # Earlier snapshots were caught up above: a group that never committed starts at
+        # the end.
+        (tp,) = assign(consumer, self.s.topic(SNAPSHOTS), partitions=[0], fallback="end")
         try:
             while not stop.is_set():
                 for records in consumer.poll(timeout_ms=1000).values():

@@ -18,12 +18,10 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
-
 from corpusfactory.contract import BUILDS, SNAPSHOTS
 from corpusfactory.engines.models.registry import resolve_model
-from corpusfactory.kafka_clients import kafka_python_kwargs
+from corpusfactory.kafka_clients import assign
+from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.settings import Settings
 from serving.backends import load_backend
 from serving.builds import BuildStore
@@ -93,13 +91,9 @@ class ModelFollower:
                 self._refresh_logged()
             return
         topic = self.s.topic(BUILDS if self.kind == "gguf" else SNAPSHOTS)
-        consumer = KafkaConsumer(
-            **kafka_python_kwargs(self.s.kafka, self.bootstrap), enable_auto_commit=False
-        )
+        consumer = kafka_consumer(self.s.kafka, self.bootstrap)
         try:
-            tp = TopicPartition(topic, 0)
-            consumer.assign([tp])
-            consumer.seek_to_end(tp)
+            assign(consumer, topic, "end", partitions=[0])
             # Anything published between the first refresh and this seek is picked up here.
             self._refresh_logged()
             while not self._stop.is_set():

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from corpusfactory.chatformat import ChatFormat
@@ -68,7 +68,8 @@ from corpusfactory.contract import (
 from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.errors import ContractError, PermanentError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
+from corpusfactory.kafka_clients import announce, assign, read_until
+from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import TrainerMetrics
 from corpusfactory.settings import Settings, TrainingSettings
 from training import dsconfig
@@ -153,11 +154,11 @@ class Trainer:
         if latest is not None:
             self.metrics.observe_snapshot(latest.manifest)
             self.last_snapshot_at = float(latest.manifest.get("created_at", time.time()))
-        consumer = KafkaConsumer(
-            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
+        consumer = kafka_consumer(
+            self.s.kafka,
+            self.bootstrap,
             group_id=self.group_id,
             client_id=f"{self.group_id}-consumer",
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=500,
         )
@@ -469,29 +470,16 @@ class Trainer:
 
     def _read_from_start(self) -> list[TrainingConversation]:
         """Every conversation from the topic's start to the current positions (init: base)."""
-        consumer = KafkaConsumer(
-            **kafka_python_kwargs(self.s.kafka, self.bootstrap),
-            group_id=None,
-            enable_auto_commit=False,
-        )
+        consumer = kafka_consumer(self.s.kafka, self.bootstrap, group_id=None)
         try:
-            consumer.assign(self._tps)
-            consumer.seek_to_beginning(*self._tps)
-            out: list[TrainingConversation] = []
-            goal = self.pending.positions
-            while any(consumer.position(tp) < goal[tp.partition] for tp in self._tps):
-                for tp, records in consumer.poll(timeout_ms=1000).items():
-                    for rec in records:
-                        if rec.offset >= goal[tp.partition]:
-                            continue
-                        try:
-                            conv = decode_accepted(rec.value)
-                        except ContractError:
-                            continue  # counted when first read
-                        out.append(
-                            TrainingConversation.from_accepted(conv, tp.partition, rec.offset)
-                        )
-            return out
+            parts = [tp.partition for tp in self._tps]
+            assign(consumer, self.topic, "beginning", partitions=parts)
+            goal = {tp: self.pending.positions[tp.partition] for tp in self._tps}
+            # An undecodable record is skipped (it was counted when first read).
+            return [
+                TrainingConversation.from_accepted(conv, tp.partition, offset)
+                for tp, offset, conv in read_until(consumer, goal, decode_accepted)
+            ]
         finally:
             consumer.close(autocommit=False)
 
@@ -538,21 +526,16 @@ class Trainer:
     # -- Kafka out --------------------------------------------------------------------------
 
     def _announce(self, snap: Snapshot) -> None:
-        producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
-        try:
-            record = SnapshotPublished(
-                schema_version=SCHEMA_VERSION,
-                snapshot_id=snap.id,
-                parent=snap.parent,
-                base_model=str(snap.manifest.get("base_model", "")),
-                path=str(snap.path),
-                conversations=int(snap.manifest.get("conversations", 0)),
-                created_at=float(snap.manifest.get("created_at", 0.0)),
-            )
-            producer.send(self.s.topic(SNAPSHOTS), key=snap.id.encode(), value=encode(record))
-            producer.flush(timeout=30)
-        finally:
-            producer.close()
+        record = SnapshotPublished(
+            schema_version=SCHEMA_VERSION,
+            snapshot_id=snap.id,
+            parent=snap.parent,
+            base_model=str(snap.manifest.get("base_model", "")),
+            path=str(snap.path),
+            conversations=int(snap.manifest.get("conversations", 0)),
+            created_at=float(snap.manifest.get("created_at", 0.0)),
+        )
+        announce(self.s.kafka, self.bootstrap, self.s.topic(SNAPSHOTS), snap.id, encode(record))
 
     def _commit(self, positions: dict[int, int]) -> None:
         assert self._consumer is not None

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from corpusfactory.contract import (
     EVALUATIONS,
@@ -36,7 +36,8 @@ from corpusfactory.contract import (
 )
 from corpusfactory.errors import ContractError
 from corpusfactory.failures import error_line
-from corpusfactory.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
+from corpusfactory.kafka_clients import assign, kafka_python_producer_kwargs
+from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import EvaluatorMetrics
 from corpusfactory.settings import Settings
 from training.evaluation.runner import Evaluator
@@ -61,18 +62,11 @@ class EvaluatorService:
         self._consumer: KafkaConsumer | None = None
 
     def start(self) -> None:
-        kw = kafka_python_kwargs(self.s.kafka, self.bootstrap)
         self._producer = KafkaProducer(**kafka_python_producer_kwargs(self.s.kafka, self.bootstrap))
-        self._consumer = KafkaConsumer(
-            **kw,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        self._consumer = kafka_consumer(
+            self.s.kafka, self.bootstrap, group_id=self.group_id, auto_offset_reset="earliest"
         )
-        self._tp = TopicPartition(self.topic, 0)
-        self._consumer.assign([self._tp])
-        if self._consumer.committed(self._tp) is None:
-            self._consumer.seek_to_beginning(self._tp)
+        (self._tp,) = assign(self._consumer, self.topic, "committed", partitions=[0])
         # What earlier runs evaluated is exported too: a restart keeps the dashboards whole.
         store, base = self.evaluator.store, self.s.training.base_model
         self.metrics.observe(BASE_ID, store.evaluations(BASE_ID, base), counted=False)
