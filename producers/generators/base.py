@@ -15,7 +15,6 @@ event loop. Four backends exist:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from corpusfactory.settings import GenerationSettings
@@ -51,14 +50,3 @@ def derive_seed(base: int, *parts: int) -> int:
     """
     key = ":".join(str(x) for x in (base, *parts)).encode("ascii")
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big") & 0x7FFF_FFFF
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest occurrence of any non-empty stop string."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            pos = text.find(s)
-            if pos != -1 and pos < cut:
-                cut = pos
-    return text[:cut]

@@ -19,9 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.engines.causal_lm import load_causal_lm
 from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import GenerationSettings
-from producers.generators.base import cut_at_stop, derive_seed
+from corpusfactory.text import cut_at_stop
+from producers.generators.base import derive_seed
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -72,7 +74,6 @@ class HFGenerator:
         dtype: str = "auto",
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path).expanduser()
         if not path.is_dir():
@@ -92,23 +93,22 @@ class HFGenerator:
             self._device.type == "cpu" and cpu_has_native_bf16(),
         )
         self.dtype = chosen
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-            load_dtype: Any = chosen if chosen == "auto" else getattr(torch, chosen)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=load_dtype)
-        except (OSError, ValueError) as exc:
-            raise GeneratorError(f"transformers generator: cannot load {path}: {exc}") from exc
+        tok, model = load_causal_lm(
+            path,
+            device=self._device,
+            dtype=chosen,
+            what="transformers generator",
+            error=GeneratorError,
+        )
         tok.padding_side = "left"
         tok.truncation_side = "left"  # keep the end of an over-long prompt
-        if tok.pad_token_id is None:
-            if tok.eos_token_id is None:
-                raise GeneratorError(
-                    f"transformers generator: the tokenizer of {path} has neither a pad "
-                    "nor an eos token"
-                )
-            tok.pad_token = tok.eos_token
+        if tok.pad_token_id is None:  # no pad and no eos token to stand in for it
+            raise GeneratorError(
+                f"transformers generator: the tokenizer of {path} has neither a pad "
+                "nor an eos token"
+            )
         self._tok = tok
-        self._model = model.to(self._device).eval()
+        self._model = model
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._use_stop_criteria = use_stop_criteria
         self._calls = 0

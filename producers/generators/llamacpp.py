@@ -50,7 +50,8 @@ from typing import Any
 
 from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import GenerationSettings
-from producers.generators.base import cut_at_stop, derive_seed
+from corpusfactory.text import cut_at_stop
+from producers.generators.base import derive_seed
 
 # Tokens per llama_decode call while prefilling (llama.cpp's n_batch and n_ubatch).
 PREFILL_CHUNK = 512

@@ -20,7 +20,8 @@ import httpx
 
 from corpusfactory.errors import GeneratorError, GeneratorUnavailableError
 from corpusfactory.settings import GenerationSettings
-from producers.generators.base import cut_at_stop, derive_seed
+from corpusfactory.text import cut_at_stop
+from producers.generators.base import derive_seed
 
 _BODY_CHARS = 500  # how much of an error body goes into an error message
 

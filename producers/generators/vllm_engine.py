@@ -14,7 +14,8 @@ from typing import Any
 
 from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import GenerationSettings
-from producers.generators.base import cut_at_stop, derive_seed
+from corpusfactory.text import cut_at_stop
+from producers.generators.base import derive_seed
 
 
 class VLLMGenerator:

@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
 
+from corpusfactory.engines.causal_lm import load_causal_lm
 from serving.backends.base import Backend, BackendError, GenerationParams, Piece
 
 
@@ -81,14 +80,14 @@ class TransformersBackend(Backend):
             raise BackendError(f"transformers backend: model directory {path} does not exist")
         super().__init__(model_id or path.name)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model: Any
-        try:
-            self._tok = AutoTokenizer.from_pretrained(str(path))
-            dtype: Any = torch.float32 if self._device.type == "cpu" else "auto"
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"transformers backend: cannot load {path}: {exc}") from exc
-        self._model: Any = model.to(self._device).eval()
+        self._tok, model = load_causal_lm(
+            path,
+            device=self._device,
+            dtype="float32" if self._device.type == "cpu" else "auto",
+            what="transformers backend",
+            error=BackendError,
+        )
+        self._model: Any = model
         limits = [getattr(model.config, "max_position_embeddings", None), n_ctx]
         known = [n for n in limits if n]
         if not known:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from corpusfactory.engines.causal_lm import load_causal_lm
 from corpusfactory.settings import GateBudget
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,7 @@ log = logging.getLogger(__name__)
 
 def load_hf(hf_dir: str | Path) -> tuple[Any, Any]:
     """(tokenizer, float32 causal LM in eval mode) from a local directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    model.eval()
-    return tokenizer, model
+    return load_causal_lm(hf_dir, dtype="float32", what="GGUF gate reference")
 
 
 def hf_token_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:

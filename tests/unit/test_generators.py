@@ -15,8 +15,9 @@ import pytest
 
 from corpusfactory.errors import GeneratorError, GeneratorUnavailableError
 from corpusfactory.settings import GenerationSettings, ProducerSettings
+from corpusfactory.text import cut_at_stop
 from producers.generators import factory
-from producers.generators.base import Generator, cut_at_stop, derive_seed
+from producers.generators.base import Generator, derive_seed
 from producers.generators.factory import make_generator
 from producers.generators.openai_compat import OpenAICompatGenerator, parse_retry_after
 

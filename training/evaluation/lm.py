@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from corpusfactory.engines.causal_lm import load_causal_lm
+from corpusfactory.text import cut_at_stop
+
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +47,12 @@ class CausalLM:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 8) -> CausalLM:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        dtype = torch.float32 if device == "cpu" else "auto"
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        model = model.to(device)
+        tokenizer, model = load_causal_lm(
+            path,
+            device=device,
+            dtype="float32" if device == "cpu" else "auto",
+            what="evaluation",
+        )
         return cls(model, tokenizer, str(path), batch_size=batch_size, device=device)
 
     # -- tokens ----------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class CausalLM:
             )
             for row in generated[:, width:]:
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
-                outputs.append(_cut(text, stop))
+                outputs.append(cut_at_stop(text, stop).strip())
         return outputs
 
     # -- scoring ---------------------------------------------------------------------------
@@ -179,12 +180,3 @@ class CausalLM:
         target = input_ids[:, 1:].to(self.device)
         picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu()
         return [picked[row, : len(ids) - 1] for row, ids in enumerate(batch)]
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        pos = text.find(s)
-        if pos != -1:
-            cut = min(cut, pos)
-    return text[:cut].strip()
