@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 
 from corpusfactory.chatformat import ChatFormat, Message
-from corpusfactory.engines.models.demo import DemoModels, chat_template, train_chat_tokenizer
+from corpusfactory.engines.models.demo import DemoModels
+from corpusfactory.engines.models.demo_generator import chat_template, train_chat_tokenizer
 from corpusfactory.errors import ConversionError, ModelError, SetupError
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import GateBudget, ServingSettings
