@@ -96,7 +96,8 @@ class Builder:
         with ``keep_going`` it is recorded, counted and logged instead (transient errors
         and a failed announcement still raise), and the builds announced before it are
         returned. Success clears an earlier failure record."""
-        from serving.gguf.convert import ConverterUnavailableError, convert_hf_to_gguf
+        from serving.gguf.convert import convert_hf_to_gguf
+        from serving.gguf.fetch import ConverterUnavailableError
         from serving.gguf.quantize import quantize
 
         todo = self.missing(snap)

@@ -30,17 +30,14 @@ import numpy as np
 import pytest
 
 from corpusfactory.chatformat import ChatFormat, Message
-from corpusfactory.engines.models.demo import DemoModels, chat_template, train_chat_tokenizer
+from corpusfactory.engines.models.demo import DemoModels
+from corpusfactory.engines.models.demo_generator import chat_template, train_chat_tokenizer
 from corpusfactory.errors import ConversionError, ModelError, SetupError
 from corpusfactory.seeds import load_seeds
 from corpusfactory.settings import GateBudget, ServingSettings
-from serving.gguf import convert
-from serving.gguf.convert import (
-    ConverterUnavailableError,
-    convert_hf_to_gguf,
-    ensure_converter,
-    llama_cpp_version,
-)
+from serving.gguf import convert, fetch
+from serving.gguf.convert import convert_hf_to_gguf
+from serving.gguf.fetch import ConverterUnavailableError, ensure_converter, llama_cpp_version
 from serving.gguf.gate import (
     gate,
     hf_greedy,
@@ -264,7 +261,7 @@ def gate_results(
 def test_converter_comes_from_the_pinned_sdist() -> None:
     version = llama_cpp_version()
     where = ensure_converter()
-    assert where == convert.converter_dir(version) and (where / convert.MARKER).is_file()
+    assert where == fetch.converter_dir(version) and (where / fetch.MARKER).is_file()
     assert (where / "convert_hf_to_gguf.py").is_file()
     assert (where / "conversion" / "gemma.py").is_file()
     assert (where / "gguf-py" / "gguf" / "constants.py").is_file()
@@ -304,13 +301,13 @@ def test_fetch_keeps_only_the_converter_once_and_atomically(tmp_path: Path) -> N
     sdist = _fake_sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz", "9.9.9")
     cache = tmp_path / "cache"
     # An interrupted earlier fetch: a temporary dir and a final dir without its marker.
-    stale = cache / convert.CACHE_SUBDIR / ".tmp-9.9.9-dead"
+    stale = cache / fetch.CACHE_SUBDIR / ".tmp-9.9.9-dead"
     stale.mkdir(parents=True)
-    (cache / convert.CACHE_SUBDIR / "9.9.9").mkdir()
-    (cache / convert.CACHE_SUBDIR / "9.9.9" / "junk").write_text("half a fetch")
+    (cache / fetch.CACHE_SUBDIR / "9.9.9").mkdir()
+    (cache / fetch.CACHE_SUBDIR / "9.9.9" / "junk").write_text("half a fetch")
 
     where = ensure_converter(sdist=sdist, version="9.9.9", cache=cache)
-    assert where == cache / convert.CACHE_SUBDIR / "9.9.9"
+    assert where == cache / fetch.CACHE_SUBDIR / "9.9.9"
     kept = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
     assert kept == [
         "COMPLETE",
@@ -325,7 +322,7 @@ def test_fetch_keeps_only_the_converter_once_and_atomically(tmp_path: Path) -> N
     # Fetched once: later calls need no sdist at all.
     sdist.unlink()
     assert ensure_converter(sdist=sdist, version="9.9.9", cache=cache) == where
-    assert [p.name for p in (cache / convert.CACHE_SUBDIR).iterdir() if p.is_dir()] == ["9.9.9"]
+    assert [p.name for p in (cache / fetch.CACHE_SUBDIR).iterdir() if p.is_dir()] == ["9.9.9"]
 
 
 def test_fetch_refuses_a_wrong_or_missing_sdist(
@@ -335,14 +332,14 @@ def test_fetch_refuses_a_wrong_or_missing_sdist(
     other = _fake_sdist(tmp_path / "llama_cpp_python-1.0.0.tar.gz", "1.0.0")
     with pytest.raises(ConverterUnavailableError, match=r"not the llama_cpp_python 9\.9\.9 sdist"):
         ensure_converter(sdist=other, version="9.9.9", cache=cache)
-    monkeypatch.setenv(convert.SDIST_ENV, str(tmp_path / "absent.tar.gz"))
+    monkeypatch.setenv(fetch.SDIST_ENV, str(tmp_path / "absent.tar.gz"))
     with pytest.raises(ConverterUnavailableError, match=r"absent\.tar\.gz: no such file.*SDIST"):
         ensure_converter(version="9.9.9", cache=cache)
     (tmp_path / "broken.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(ConverterUnavailableError, match="cannot extract"):
         ensure_converter(sdist=tmp_path / "broken.tar.gz", version="9.9.9", cache=cache)
     assert isinstance(ConverterUnavailableError("x"), SetupError)
-    root = cache / convert.CACHE_SUBDIR
+    root = cache / fetch.CACHE_SUBDIR
     assert [p.name for p in root.iterdir() if p.is_dir()] == []  # nothing half-made
 
 
@@ -350,7 +347,7 @@ def test_fetch_without_the_package_index_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pip cannot reach its index (a closed local port here): one line naming the fixes."""
-    monkeypatch.delenv(convert.SDIST_ENV, raising=False)
+    monkeypatch.delenv(fetch.SDIST_ENV, raising=False)
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
@@ -362,9 +359,9 @@ def test_fetch_without_the_package_index_says_what_to_do(
         ensure_converter(version=llama_cpp_version(), cache=tmp_path)
     message = str(info.value)
     assert "cannot download the llama_cpp_python==" in message
-    assert "make models" in message and convert.SDIST_ENV in message
+    assert "make models" in message and fetch.SDIST_ENV in message
     assert "\n" not in message
-    root = tmp_path / convert.CACHE_SUBDIR
+    root = tmp_path / fetch.CACHE_SUBDIR
     assert [p.name for p in root.iterdir() if p.is_dir()] == []
 
 
@@ -632,7 +629,7 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(convert, "ensure_converter", lambda **_: where)
 
     def write(body: str) -> Path:
-        (where / convert.SCRIPT).write_text(
+        (where / fetch.SCRIPT).write_text(
             "import sys\nout = sys.argv[sys.argv.index('--outfile') + 1]\n" + body
         )
         return model_dir
@@ -687,7 +684,7 @@ def test_success_replaces_the_file_and_clears_an_old_failure_log(
 
 
 def test_last_error_line() -> None:
-    pick = convert._last_error_line
+    pick = fetch.last_error_line
     assert pick(["INFO:hf-to-gguf:x", "ERROR:hf-to-gguf:Model Foo is not supported"]) == (
         "Model Foo is not supported"
     )

@@ -17,7 +17,7 @@ contexts (Wikipedia paragraphs translated into Italian) of the SQuAD-it test set
   of consecutive sentences, so the model sees one- and two-sentence texts like chat
   turns.
 * Tokenizer: a cased WordPiece trained on the training sentences with the demo
-  scorer's deterministic recipe (``demo._scorer_tokenizer``).
+  scorer's deterministic recipe (``demo_scorer.scorer_tokenizer``).
 * Model: a ``RoFormerForMaskedLM`` — BERT with rotary position encodings — of 3
   layers, hidden size 128 (1.16 M parameters), trained with BERT's masking scheme
   (80% [MASK], 10% random, 10% kept) at a 30% masking rate on length-bucketed batches
@@ -58,13 +58,8 @@ from typing import Any
 import torch
 
 from corpusfactory.cache import MARKER, cached_build, models_root
-from corpusfactory.engines.models.demo import (
-    ScorerHParams,
-    _masked_lm_loss,
-    _no_progress_bars,
-    _schedule,
-    _scorer_tokenizer,
-)
+from corpusfactory.engines.models.demo_scorer import ScorerHParams, scorer_tokenizer
+from corpusfactory.engines.models.demo_training import masked_lm_loss, no_progress_bars, schedule
 from corpusfactory.errors import ModelError
 from corpusfactory.text import split_sentences
 
@@ -374,9 +369,7 @@ def _train(
         lr=hp.lr,
         betas=(0.9, 0.98),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, hp.warmup_steps, hp.steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, hp.warmup_steps, hp.steps))
     model.train()
     losses: list[float] = []
     tokens = 0
@@ -385,7 +378,7 @@ def _train(
     for step in range(hp.steps):
         batch = next(batches)
         tokens += int(batch["attention_mask"].sum())
-        loss = _masked_lm_loss(model, batch)
+        loss = masked_lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -417,7 +410,7 @@ def _heldout_loss(
     for start in range(0, len(order), 64):
         batch = _masked(order[start : start + 64], encoded, normal_ids, pad, mask, 0.15, gen)
         n = int((batch["labels"] != -100).sum())
-        total += float(_masked_lm_loss(model, batch)) * n
+        total += float(masked_lm_loss(model, batch)) * n
         count += n
     return total / max(1, count)
 
@@ -465,7 +458,7 @@ def _build_into(
                 min_frequency=hp.min_frequency,
                 max_positions=hp.max_positions,
             )
-            tokenizer = _scorer_tokenizer(train_sentences, tok_hp)
+            tokenizer = scorer_tokenizer(train_sentences, tok_hp)
             encoded = _encode(tokenizer, units, hp.max_len)
             config = RoFormerConfig(
                 vocab_size=len(tokenizer),
@@ -487,7 +480,7 @@ def _build_into(
                 model, _encode(tokenizer, held_sentences, hp.max_len), tokenizer, hp
             )
         model.float()
-        with _no_progress_bars():
+        with no_progress_bars():
             model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     finally:
