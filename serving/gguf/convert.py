@@ -36,20 +36,19 @@ Outputs and failures
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import atomic_path
 from corpusfactory.errors import ConversionError, SetupError
 from serving.gguf.fetch import (
     DIST,
@@ -69,22 +68,6 @@ LOG_SUFFIX = ".convert.log"
 
 
 # -- running it --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_target(out_path: Path) -> Iterator[Path]:
-    """A fresh temporary path beside ``out_path``, renamed onto it if the block succeeds.
-
-    The temporary file is created by whoever writes it (so it gets the usual
-    permissions); it is removed if the block fails.
-    """
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _MISSING_MODULE = re.compile(r"No module named '(?P<module>[\w.]+)'")
@@ -144,7 +127,7 @@ def convert_hf_to_gguf(
     script = ensure_converter(sdist=sdist, version=version) / SCRIPT
     log_path = out_path.with_name(out_path.name + LOG_SUFFIX)
     started = time.perf_counter()
-    with atomic_target(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         cmd = [
             sys.executable,
             str(script),

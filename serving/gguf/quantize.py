@@ -28,8 +28,8 @@ from typing import Any
 
 import gguf
 
+from corpusfactory.atomicio import atomic_path
 from corpusfactory.errors import ModelError
-from serving.gguf.convert import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def quantize(
     started = time.perf_counter()
     method = "llama.cpp"
     fallbacks: list[dict[str, str]] = []
-    with atomic_target(dst) as tmp:
+    with atomic_path(dst) as tmp:
         if quant == "F16" and gguf_file_type(src) == ftype:
             shutil.copyfile(src, tmp)
             method = "copy"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import write_text_atomic
 from corpusfactory.engines.broker.config import (
     BASE_JVM_OPTS,
     random_cluster_id,
@@ -28,7 +29,6 @@ from corpusfactory.engines.broker.processes import (
     free_ports,
     loopback_address,
     send_signal,
-    write_atomic,
 )
 from corpusfactory.errors import BrokerError
 from corpusfactory.kafka_clients import majority_of
@@ -243,5 +243,5 @@ class EmbeddedCluster:
         layout = ClusterLayout(random_cluster_id(), ports)
         nodes = {str(n): {"port": p, "controller_port": c} for n, (p, c) in layout.ports.items()}
         payload = {"cluster_id": layout.cluster_id, "nodes": nodes}
-        write_atomic(self.layout_path, json.dumps(payload, indent=1) + "\n")
+        write_text_atomic(self.layout_path, json.dumps(payload, indent=1) + "\n")
         return layout

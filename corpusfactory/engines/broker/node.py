@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import write_text_atomic
 from corpusfactory.engines.broker.config import (
     BASE_JVM_OPTS,
     LOG4J_PROPERTIES,
@@ -41,7 +42,6 @@ from corpusfactory.engines.broker.processes import (
     send_signal,
     tail_lines,
     wait_exit,
-    write_atomic,
 )
 from corpusfactory.errors import BrokerError
 from corpusfactory.settings import Settings
@@ -216,15 +216,15 @@ class EmbeddedBroker:
                 )
         if (port, controller_port) != stored:
             payload = {"port": port, "controller_port": controller_port}
-            write_atomic(self.ports_path, json.dumps(payload) + "\n")
+            write_text_atomic(self.ports_path, json.dumps(payload) + "\n")
         return port, controller_port
 
     # ---- configuration and storage
 
     def _write_config(self, port: int, controller_port: int) -> None:
         # Rewritten on every start so a changed port or a newer template applies.
-        write_atomic(self.config_path, self._properties(port, controller_port))
-        write_atomic(self.log4j_path, LOG4J_PROPERTIES)
+        write_text_atomic(self.config_path, self._properties(port, controller_port))
+        write_text_atomic(self.log4j_path, LOG4J_PROPERTIES)
 
     def _properties(self, port: int, controller_port: int) -> str:
         return server_properties(self.data_dir, port, controller_port)
@@ -284,7 +284,7 @@ class EmbeddedBroker:
                 start_new_session=True,
             )
         CHILDREN[proc.pid] = proc
-        write_atomic(self.pid_path, f"{proc.pid}\n")
+        write_text_atomic(self.pid_path, f"{proc.pid}\n")
         return proc
 
     def _wait_ready(self, pid: int, port: int, timeout: float, stop_hint: bool = False) -> None:

@@ -38,13 +38,6 @@ def tail_lines(text: str, lines: int = 40) -> str:
     return "\n".join(_ANSI.sub("", text).rstrip().splitlines()[-lines:])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    # A reader (or a crash) never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def rotate_log(log_path: Path) -> None:
     with contextlib.suppress(OSError):
         if log_path.stat().st_size > LOG_ROTATE_BYTES:
