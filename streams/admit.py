@@ -292,10 +292,13 @@ class Admitter:
         return done
 
 
-def register(ctx: Any) -> None:
+def register(ctx: Any, admitter: Admitter | None = None) -> None:
+    """Register ``admit_turns`` on ``ctx.app``; it decides with ``admitter`` (by default
+    a new one on ``ctx.settings``, which opens the index on its first batch)."""
     settings: Settings = ctx.settings
     adm = settings.admission
-    admitter = Admitter(settings)
+    if admitter is None:
+        admitter = Admitter(settings)
 
     @ctx.app.agent(ctx.scored, name="admit_turns", concurrency=1)
     async def admit_turns(stream: Any) -> None:

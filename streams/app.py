@@ -138,6 +138,29 @@ def create_app(
     metrics: ScorerMetrics | AdmitterMetrics | None = None,
 ) -> faust.App:
     """A Faust app for one role, with its agent registered."""
+    ctx = create_context(settings, role, bootstrap, metrics)
+    if role == "scorer":
+        from streams.score import register
+
+        register(ctx)
+    else:
+        from streams.admit import register
+
+        register(ctx)
+    return ctx.app
+
+
+def create_context(
+    settings: Settings,
+    role: str,
+    bootstrap: str,
+    metrics: ScorerMetrics | AdmitterMetrics | None = None,
+) -> StreamContext:
+    """The Faust app of one role and its StreamContext, no agent registered yet.
+
+    ``create_app`` registers the role's agent on it; the plumbing tests register it
+    themselves, after pointing the context's output topics at in-memory channels.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
     if metrics is None:
@@ -164,16 +187,7 @@ def create_app(
         autodiscover=False,
         datadir=str(datadir),
     )
-    ctx = StreamContext(app, settings, metrics)
-    if role == "scorer":
-        from streams.score import register
-
-        register(ctx)
-    else:
-        from streams.admit import register
-
-        register(ctx)
-    return app
+    return StreamContext(app, settings, metrics)
 
 
 def run_worker(
