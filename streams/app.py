@@ -30,9 +30,8 @@ import faust
 
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
-from corpusfactory.engines.broker import resolve_bootstrap
-from corpusfactory.kafka_clients import ReliableFaustApp, ensure_topics, faust_broker_kwargs
-from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics, metrics_endpoint
+from corpusfactory.kafka_clients import ReliableFaustApp, faust_broker_kwargs
+from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics
 from corpusfactory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,20 +189,25 @@ def create_context(
     return StreamContext(app, settings, metrics)
 
 
-def run_worker(
-    settings: Settings, role: str, loglevel: str = "INFO", metrics_port: int | None = None
-) -> None:
-    """Prepare topics, build the app, serve its metrics and run it until SIGTERM/SIGINT."""
-    bootstrap = resolve_bootstrap(settings)
-    ensure_topics(settings, bootstrap)
-    metrics = role_metrics(settings, role)
+def worker_lag(settings: Settings, role: str) -> tuple[str, list[str]]:
+    """(consumer group, topics) whose lag a worker of ``role`` exports."""
     source = contract.CANDIDATES if role == "scorer" else contract.SCORED
-    metrics.watch_lag(settings, bootstrap, app_id_for(settings, role), [settings.topic(source)])
-    with metrics_endpoint(settings, role, metrics, metrics_port):
-        app = create_app(settings, role, bootstrap, metrics)
-        worker = BoundedShutdownWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-        worker.shutdown_deadline_s = settings.worker.shutdown_timeout_s
-        worker.execute_from_commandline()
+    return app_id_for(settings, role), [settings.topic(source)]
+
+
+def run_worker(
+    settings: Settings,
+    role: str,
+    bootstrap: str,
+    metrics: ScorerMetrics | AdmitterMetrics,
+    loglevel: str = "INFO",
+) -> None:
+    """Build the app of ``role`` and run it until SIGTERM/SIGINT (the command line has
+    found Kafka, created the topics and serves the metrics: ``cli.common.run_service``)."""
+    app = create_app(settings, role, bootstrap, metrics)
+    worker = BoundedShutdownWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.shutdown_deadline_s = settings.worker.shutdown_timeout_s
+    worker.execute_from_commandline()
 
 
 class BoundedShutdownWorker(faust.Worker):

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from corpusfactory.cli.common import metrics_port_flag
+from corpusfactory.cli.common import metrics_port_flag, run_service
 from corpusfactory.errors import EXIT_INTERRUPTED, CorpusFactoryError, exit_code
 from corpusfactory.redact import RedactingFormatter, redact_text, secret_values, secret_values_in
 from corpusfactory.settings import ENV_PREFIX, Settings, load_settings
@@ -74,19 +74,21 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.app import run_worker
+    from streams.app import role_metrics, run_worker, worker_lag
 
-    run_worker(_settings(args), args.role, loglevel=args.log_level, metrics_port=args.metrics_port)
+    s = _settings(args)
+    metrics = role_metrics(s, args.role)
+    lag = worker_lag(s, args.role)
+    with run_service(s, args.role, metrics, args.metrics_port, start_embedded=True, lag=lag) as svc:
+        run_worker(s, args.role, svc.bootstrap, metrics, loglevel=args.log_level)
     return 0
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     import asyncio
 
-    from corpusfactory.engines.broker import resolve_bootstrap
     from corpusfactory.engines.models.registry import resolve_model
-    from corpusfactory.kafka_clients import ensure_topics
-    from corpusfactory.metrics import ProducerMetrics, metrics_endpoint
+    from corpusfactory.metrics import ProducerMetrics
     from producers.generators.factory import make_generator
     from producers.service import SelfChatProducer
 
@@ -94,16 +96,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
         s = _settings(args, producer={"conversations": args.conversations})
     else:
         s = _settings(args)
-    bootstrap = resolve_bootstrap(s)
-    ensure_topics(s, bootstrap)
-    model = resolve_model(s.models.generator, s.models.models_dir)
-    generator = make_generator(s.producer, model, s.models.device)
     metrics = ProducerMetrics()
-    try:
-        with metrics_endpoint(s, "producer", metrics, args.metrics_port):
-            stats = asyncio.run(SelfChatProducer(s, bootstrap, generator, metrics).run())
-    finally:
-        generator.close()
+    with run_service(s, "producer", metrics, args.metrics_port, start_embedded=True) as svc:
+        model = resolve_model(s.models.generator, s.models.models_dir)
+        generator = make_generator(s.producer, model, s.models.device)
+        try:
+            stats = asyncio.run(SelfChatProducer(s, svc.bootstrap, generator, metrics).run())
+        finally:
+            generator.close()
     _print_json(stats.as_dict())
     return 0
 
@@ -160,16 +160,13 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     if args.action == "write":
         from consumers.writer import default_group_id
         from corpusfactory.contract import ACCEPTED, DECISIONS
-        from corpusfactory.metrics import WriterMetrics, metrics_endpoint
+        from corpusfactory.metrics import WriterMetrics
 
-        bootstrap = resolve_bootstrap(s, start_embedded=False)
         metrics = WriterMetrics()
-        metrics.watch_lag(
-            s, bootstrap, default_group_id(s), [s.topic(ACCEPTED), s.topic(DECISIONS)]
-        )
+        lag = (default_group_id(s), [s.topic(ACCEPTED), s.topic(DECISIONS)])
         with (
-            CorpusWriter(s, bootstrap, metrics=metrics) as writer,
-            metrics_endpoint(s, "writer", metrics, args.metrics_port),
+            run_service(s, "writer", metrics, args.metrics_port, lag=lag) as svc,
+            CorpusWriter(s, svc.bootstrap, metrics=metrics) as writer,
         ):
             writer.run()
         return 0

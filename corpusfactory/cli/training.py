@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
+from corpusfactory.cli.common import run_service
 from corpusfactory.errors import UsageError
 from corpusfactory.settings import Settings
 
 SettingsFn = Callable[[argparse.Namespace], Settings]
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 def _print(data: Any) -> None:
@@ -33,47 +25,40 @@ def _print(data: Any) -> None:
 
 def cmd_train(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import ACCEPTED
-    from corpusfactory.engines.broker import resolve_bootstrap
-    from corpusfactory.kafka_clients import ensure_topics
-    from corpusfactory.metrics import TrainerMetrics, metrics_endpoint
+    from corpusfactory.metrics import TrainerMetrics
     from training.service import Trainer
 
-    bootstrap = resolve_bootstrap(s, start_embedded=False)
-    ensure_topics(s, bootstrap)
     metrics = TrainerMetrics()
-    with Trainer(s, bootstrap, metrics) as trainer:
+    port = 0 if args.once else args.metrics_port  # a one-off run is never scraped
+    with (
+        run_service(s, "trainer", metrics, port) as svc,
+        Trainer(s, svc.bootstrap, metrics) as trainer,
+    ):
         if args.once:
-            print("trainer ready", flush=True)
+            svc.ready()
             snap = trainer.run_once()
             print(snap.id if snap else "no new conversations: no snapshot")
             return 0
-        metrics.watch_lag(s, bootstrap, trainer.group_id, [s.topic(ACCEPTED)])
-        with metrics_endpoint(s, "trainer", metrics, args.metrics_port):
-            print("trainer ready", flush=True)
-            trainer.run(_stop_on_signals(), max_snapshots=args.max_snapshots)
+        svc.watch_lag(trainer.group_id, [s.topic(ACCEPTED)])
+        svc.ready()
+        trainer.run(svc.stop_event(), max_snapshots=args.max_snapshots)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, s: Settings) -> int:
     from corpusfactory.contract import SNAPSHOTS
-    from corpusfactory.engines.broker import resolve_bootstrap
-    from corpusfactory.kafka_clients import ensure_topics
-    from corpusfactory.metrics import EvaluatorMetrics, metrics_endpoint
+    from corpusfactory.metrics import EvaluatorMetrics
     from training.evaluation.service import EvaluatorService
 
-    bootstrap = resolve_bootstrap(s, start_embedded=False)
-    ensure_topics(s, bootstrap)
     metrics = EvaluatorMetrics()
     port = 0 if args.once else args.metrics_port  # a one-off run is never scraped
-    metrics.watch_lag(
-        s, bootstrap, f"{s.kafka.topic_prefix}{s.evaluation.group_id}", [s.topic(SNAPSHOTS)]
-    )
+    lag = (f"{s.kafka.topic_prefix}{s.evaluation.group_id}", [s.topic(SNAPSHOTS)])
     with (
-        EvaluatorService(s, bootstrap, metrics) as service,
-        metrics_endpoint(s, "evaluator", metrics, port),
+        run_service(s, "evaluator", metrics, port, lag=lag) as svc,
+        EvaluatorService(s, svc.bootstrap, metrics) as service,
     ):
-        print("evaluator ready", flush=True)
-        n = service.run(None if args.once else _stop_on_signals(), once=args.once)
+        svc.ready()
+        n = service.run(None if args.once else svc.stop_event(), once=args.once)
     print(f"evaluated {n} model(s)")
     return 0
 
@@ -141,28 +126,26 @@ def _eval_metrics(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_build(args: argparse.Namespace, s: Settings) -> int:
-    from corpusfactory.metrics import BuilderMetrics, metrics_endpoint
+    from corpusfactory.metrics import BuilderMetrics
     from serving.builder import Builder
 
-    bootstrap = None
-    if not args.no_announce:
-        from corpusfactory.engines.broker import resolve_bootstrap
-        from corpusfactory.kafka_clients import ensure_topics
-
-        bootstrap = resolve_bootstrap(s, start_embedded=False)
-        ensure_topics(s, bootstrap)
     metrics = BuilderMetrics()
-    builder = Builder(s, bootstrap, metrics)
-    if args.snapshot:
-        made = builder.build(builder.snapshots.get(args.snapshot))
-    elif args.once or bootstrap is None:
-        made = builder.build_all()
-    else:
-        with metrics_endpoint(s, "builder", metrics, args.metrics_port):
-            print("builder ready", flush=True)
-            builder.follow(_stop_on_signals())
+
+    def build_now(builder: Builder) -> int:
+        snapshot = builder.snapshots.get(args.snapshot) if args.snapshot else None
+        made = builder.build(snapshot) if snapshot else builder.build_all()
+        _print([b.describe() for b in made])
         return 0
-    _print([b.describe() for b in made])
+
+    if args.no_announce:  # no Kafka at all: build what is there, announce nothing
+        return build_now(Builder(s, None, metrics))
+    follow = not (args.snapshot or args.once)
+    with run_service(s, "builder", metrics, args.metrics_port if follow else 0) as svc:
+        builder = Builder(s, svc.bootstrap, metrics)
+        if not follow:
+            return build_now(builder)
+        svc.ready()
+        builder.follow(svc.stop_event())
     return 0
 
 
