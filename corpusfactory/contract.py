@@ -100,6 +100,44 @@ class Reason(StrEnum):
 _REASON_VALUES = frozenset(r.value for r in Reason)
 JUDGE_ON_UNPARSED = ("reject", "accept")
 
+# --------------------------------------------------------------------------- the decision log
+
+
+@dataclass(frozen=True)
+class DecisionLogRow:
+    """What the admitter logs for a decided turn (in the index's decision log), so a
+    redelivered or resent turn is answered again with the same decision.
+
+    Stored as JSON; :meth:`from_dict` reads rows written by earlier versions (before
+    the judge: no ``judge*`` fields; before conflict checks: no ``text_sha``) and
+    ignores fields it does not know."""
+
+    accepted: bool
+    reason: str
+    neighbour_id: str
+    similarity: float
+    nll: float
+    tokens: int
+    nll_threshold: float
+    similarity_threshold: float
+    replayed: bool = False
+    judge_score: float | None = None
+    judge_threshold: float | None = None
+    judge: str = ""
+    text_sha: str | None = None  # xxh64 of the decided text; None in rows from before
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecisionLogRow:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise ContractError(f"unreadable decision log row: {exc}") from None
+
+
 # --------------------------------------------------------------------------- counting decisions
 
 

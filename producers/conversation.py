@@ -51,21 +51,6 @@ class Outcome(StrEnum):
 
 
 @dataclass
-class TurnRecord:
-    """An accepted message with its admission metadata."""
-
-    turn_id: str
-    role: str
-    text: str
-    nll: float
-    similarity: float
-    neighbour_id: str
-    embedder: str
-    scorer: str
-    judge_score: float | None = None  # the LLM judge's score, None when not judged
-
-
-@dataclass
 class PendingTurn:
     """The candidate sent for admission and not decided yet."""
 
@@ -96,7 +81,7 @@ class Conversation:
     source: str
     target_length: int
     seed_ids: list[str] = field(default_factory=list)
-    messages: list[TurnRecord] = field(default_factory=list)
+    messages: list[AcceptedTurn] = field(default_factory=list)
     pending: PendingTurn | None = None
     attempts_at_position: int = 0  # rejections at the current position so far
     status: Status = "active"
@@ -197,7 +182,7 @@ class Conversation:
         when = time.time() if now is None else now
         if decision.accepted:
             self.messages.append(
-                TurnRecord(
+                AcceptedTurn(
                     turn_id=p.turn_id,
                     role=p.role,
                     text=p.text,
@@ -246,7 +231,7 @@ class Conversation:
             schema_version=SCHEMA_VERSION,
             conversation_id=self.conversation_id,
             source=self.source,
-            turns=[AcceptedTurn(**asdict(m)) for m in self.messages],
+            turns=list(self.messages),
             target_length=self.target_length,
             truncated=self.status == "truncated",
             producer_id=producer_id,
@@ -257,7 +242,8 @@ class Conversation:
     # -- persistence --------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(self)  # the messages are faust Records, copied as they are
+        data["messages"] = [m.asdict() for m in self.messages]
         data["state_version"] = STATE_VERSION
         return data
 
@@ -267,7 +253,7 @@ class Conversation:
         version = data.pop("state_version", STATE_VERSION)
         if version != STATE_VERSION:
             raise ValueError(f"unknown conversation state_version {version!r}")
-        data["messages"] = [TurnRecord(**m) for m in data.get("messages", [])]
+        data["messages"] = [AcceptedTurn(**m) for m in data.get("messages", [])]
         pending = data.get("pending")
         data["pending"] = PendingTurn(**pending) if pending is not None else None
         data["seed_ids"] = list(data.get("seed_ids", []))

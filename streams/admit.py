@@ -29,7 +29,7 @@ import numpy as np
 import xxhash
 
 from corpusfactory import contract
-from corpusfactory.contract import Decision, ScoredTurn, encode
+from corpusfactory.contract import Decision, DecisionLogRow, ScoredTurn, encode
 from corpusfactory.engines.index import KIND_EVAL, KIND_SEED, KIND_TURN, VectorIndex, check_ref
 from corpusfactory.errors import (
     ConflictError,
@@ -173,7 +173,7 @@ class Admitter:
         repeats: dict[int, int] = {}  # a second copy in this batch -> the first copy
         for i in live:
             ref = refs[i]
-            seen = prior[ref].get("text_sha") if ref in prior else None
+            seen = prior[ref].text_sha if ref in prior else None
             if ref in first_at:
                 seen = digests[first_at[ref]]
             if seen is not None and seen != digests[i]:
@@ -186,20 +186,7 @@ class Admitter:
             elif ref not in prior:
                 first_at[ref] = i
                 fresh.append(i)
-        cands = [
-            Candidate(
-                ref=refs[i],
-                vector=np.asarray(scored[i].embedding, dtype=np.float32),
-                nll=scored[i].nll,
-                precheck=scored[i].precheck,
-                nll_threshold=scored[i].nll_threshold,
-                judged=scored[i].judged,
-                judge_score=scored[i].judge_score,
-                judge_threshold=scored[i].judge_threshold,
-                judge_on_unparsed="accept" if scored[i].judge_on_unparsed == "accept" else "reject",
-            )
-            for i in fresh
-        ]
+        cands = [Candidate.from_scored(refs[i], scored[i]) for i in fresh]
         live_c = [j for j, c in enumerate(cands) if not c.precheck]
         nearest: list[Nearest | None] = [None] * len(cands)
         reserved: list[Nearest | None] = [None] * len(cands)
@@ -220,24 +207,24 @@ class Admitter:
         verdicts = decide_batch(
             cands, nearest, already, sim_threshold, reserved, adm.contamination_threshold
         )
-        records: dict[str, dict[str, Any]] = {}
+        records: dict[str, DecisionLogRow] = {}
         for i, v in zip(fresh, verdicts, strict=True):
             s = scored[i]
-            records[refs[i]] = {
-                "accepted": v.accepted,
-                "reason": v.reason,
-                "neighbour_id": v.neighbour,
-                "similarity": v.similarity,
-                "nll": s.nll,
-                "tokens": s.tokens,
-                "nll_threshold": s.nll_threshold,
-                "similarity_threshold": sim_threshold,
-                "replayed": v.replayed,
-                "judge_score": s.judge_score,
-                "judge_threshold": s.judge_threshold if s.judged else None,
-                "judge": s.judge if s.judged else "",
-                "text_sha": digests[i],
-            }
+            records[refs[i]] = DecisionLogRow(
+                accepted=v.accepted,
+                reason=v.reason,
+                neighbour_id=v.neighbour,
+                similarity=v.similarity,
+                nll=s.nll,
+                tokens=s.tokens,
+                nll_threshold=s.nll_threshold,
+                similarity_threshold=sim_threshold,
+                replayed=v.replayed,
+                judge_score=s.judge_score,
+                judge_threshold=s.judge_threshold if s.judged else None,
+                judge=s.judge if s.judged else "",
+                text_sha=digests[i],
+            )
         if self.index is not None:
             self.index.check_log_rows(records)  # before any write: all or nothing
         # replayed = accepted before (a vector without a log row): no second write
@@ -261,29 +248,28 @@ class Admitter:
                 rec, replayed = (records[ref] if i in repeats else prior[ref]), True
             else:
                 rec = records[ref]
-                replayed = bool(rec["replayed"])
+                replayed = rec.replayed
             out[i] = Decision(
                 schema_version=contract.SCHEMA_VERSION,
                 turn_id=s.candidate.turn_id,
                 conversation_id=s.candidate.conversation_id,
                 index=s.candidate.index,
-                accepted=rec["accepted"],
-                reason=rec["reason"],
-                neighbour_id=rec["neighbour_id"],
-                similarity=rec["similarity"],
-                nll=rec["nll"],
-                tokens=rec["tokens"],
+                accepted=rec.accepted,
+                reason=rec.reason,
+                neighbour_id=rec.neighbour_id,
+                similarity=rec.similarity,
+                nll=rec.nll,
+                tokens=rec.tokens,
                 embedder=s.embedder,
                 scorer=s.scorer,
-                similarity_threshold=rec["similarity_threshold"],
-                nll_threshold=rec["nll_threshold"],
+                similarity_threshold=rec.similarity_threshold,
+                nll_threshold=rec.nll_threshold,
                 replayed=replayed,
                 decided_at=now,
                 stage_s={**(s.stage_s or {}), "admit": admit_s},
-                # A log row written before the judge existed has none of these.
-                judge_score=rec.get("judge_score"),
-                judge_threshold=rec.get("judge_threshold"),
-                judge=rec.get("judge", ""),
+                judge_score=rec.judge_score,
+                judge_threshold=rec.judge_threshold,
+                judge=rec.judge,
                 source=s.candidate.source,
             )
         done = [o for o in out if o is not None]

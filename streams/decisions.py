@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from corpusfactory.contract import Reason
+from corpusfactory.contract import Reason, ScoredTurn
 from streams.judge import OnUnparsed, judge_decision
 
 
@@ -41,6 +41,21 @@ class Candidate:
     judge_score: float | None = None  # its 0-5 score, None when unreadable (or not judged)
     judge_threshold: float = 0.0  # reject when judge_score < this
     judge_on_unparsed: OnUnparsed = "reject"
+
+    @classmethod
+    def from_scored(cls, ref: str, scored: ScoredTurn) -> Candidate:
+        """The candidate the admitter decides for a scored turn (``ref``: its turn id)."""
+        return cls(
+            ref=ref,
+            vector=np.asarray(scored.embedding, dtype=np.float32),
+            nll=scored.nll,
+            precheck=scored.precheck,
+            nll_threshold=scored.nll_threshold,
+            judged=scored.judged,
+            judge_score=scored.judge_score,
+            judge_threshold=scored.judge_threshold,
+            judge_on_unparsed="accept" if scored.judge_on_unparsed == "accept" else "reject",
+        )
 
 
 @dataclass(frozen=True)

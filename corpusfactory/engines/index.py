@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from corpusfactory.contract import DecisionLogRow
 from corpusfactory.errors import (
     ConfigError,
     CorpusFactoryError,
@@ -233,7 +234,7 @@ class VectorIndex:
             self.log_collection, schema=schema, index_params=params, consistency_level="Strong"
         )
 
-    def prior_decisions(self, refs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def prior_decisions(self, refs: Sequence[str]) -> dict[str, DecisionLogRow]:
         """The logged decision of each of these turns that was decided before."""
         if not refs:
             return {}
@@ -247,25 +248,25 @@ class VectorIndex:
             )
         except Exception as exc:
             raise self._failed("decision log query failed", exc) from None
-        return {row["ref"]: json.loads(row["decision"]) for row in rows}
+        return {row["ref"]: DecisionLogRow.from_dict(json.loads(row["decision"])) for row in rows}
 
     @staticmethod
-    def check_log_rows(decisions: dict[str, dict[str, Any]]) -> None:
+    def check_log_rows(decisions: dict[str, DecisionLogRow]) -> None:
         """Raise IndexRecordError if the decision log could not hold these rows."""
         for ref, d in decisions.items():
             check_ref(ref)
-            size = len(json.dumps(d).encode("utf-8"))
+            size = len(json.dumps(d.as_dict()).encode("utf-8"))
             if size > DECISION_MAX:
                 raise IndexRecordError(
                     f"decision of {ref[:60]!r} has {size} bytes, over the log's {DECISION_MAX}"
                 )
 
-    def log_decisions(self, decisions: dict[str, dict[str, Any]]) -> None:
+    def log_decisions(self, decisions: dict[str, DecisionLogRow]) -> None:
         """Record decisions by turn id (idempotent: same id, same row)."""
         if not decisions:
             return
         rows = [
-            {"pk": pk_for(ref), "ref": ref, "decision": json.dumps(d), "vec": [0.0, 1.0]}
+            {"pk": pk_for(ref), "ref": ref, "decision": json.dumps(d.as_dict()), "vec": [0.0, 1.0]}
             for ref, d in decisions.items()
         ]
         self.check_log_rows(decisions)

@@ -423,3 +423,29 @@ def test_count_decisions_counts_each_turn_once_with_its_first_non_replayed() -> 
         "from_the_future",
     ]
     assert contract.count_decisions([]).acceptance_rate is None
+
+
+def test_decision_log_rows_read_old_rows_and_refuse_incomplete_ones() -> None:
+    row = contract.DecisionLogRow(
+        accepted=True,
+        reason="accepted",
+        neighbour_id="s1",
+        similarity=0.4,
+        nll=2.5,
+        tokens=12,
+        nll_threshold=4.0,
+        similarity_threshold=0.9,
+        text_sha="abc",
+    )
+    assert contract.DecisionLogRow.from_dict(json.loads(json.dumps(row.as_dict()))) == row
+    old = {k: v for k, v in row.as_dict().items() if not k.startswith("judge") and k != "text_sha"}
+    back = contract.DecisionLogRow.from_dict({**old, "from_a_later_version": 1})
+    assert (back.judge_score, back.judge_threshold, back.judge, back.text_sha) == (
+        None,
+        None,
+        "",
+        None,
+    )
+    assert back.nll == 2.5 and back.accepted
+    with pytest.raises(ContractError, match="decision log row"):
+        contract.DecisionLogRow.from_dict({"accepted": True})

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from corpusfactory import contract
-from corpusfactory.contract import Reason
+from corpusfactory.contract import DecisionLogRow, Reason
 from corpusfactory.engines.index import Neighbour, VectorIndex
 from corpusfactory.engines.scoring.nll import NLLResult
 from corpusfactory.settings import GenerationSettings, Settings, load_settings
@@ -150,13 +150,13 @@ class MemoryIndex:
 
     def __init__(self) -> None:
         self.vectors: dict[str, np.ndarray] = {}
-        self.log: dict[str, dict[str, Any]] = {}
+        self.log: dict[str, DecisionLogRow] = {}
 
-    def prior_decisions(self, refs: Sequence[str]) -> dict[str, dict[str, Any]]:
-        return {r: dict(self.log[r]) for r in refs if r in self.log}
+    def prior_decisions(self, refs: Sequence[str]) -> dict[str, DecisionLogRow]:
+        return {r: self.log[r] for r in refs if r in self.log}
 
-    def log_decisions(self, decisions: dict[str, dict[str, Any]]) -> None:
-        self.log.update({r: dict(d) for r, d in decisions.items()})
+    def log_decisions(self, decisions: dict[str, DecisionLogRow]) -> None:
+        self.log.update(decisions)
 
     def search(
         self, vectors: np.ndarray, exclude: Sequence[str] | None = None, reserved: bool = False
@@ -212,9 +212,10 @@ def test_the_admitter_applies_the_judge_last_and_logs_the_score_for_replays() ->
             decisions[t].judge_threshold,
         ), t
     # A log row written before the judge existed replays with no judge fields.
-    for rec in index.log.values():
-        for k in ("judge_score", "judge_threshold", "judge"):
-            rec.pop(k)
+    judge_fields = ("judge_score", "judge_threshold", "judge")
+    for ref, rec in list(index.log.items()):
+        row = {k: v for k, v in rec.as_dict().items() if k not in judge_fields}
+        index.log[ref] = DecisionLogRow.from_dict(row)
     old = {d.turn_id: d for d in admitter.admit(rescored)}
     assert all(
         (d.judge_score, d.judge_threshold, d.judge) == (None, None, "") for d in old.values()
