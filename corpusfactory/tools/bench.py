@@ -188,7 +188,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     from corpusfactory.seeds import load_seeds
     from training import dsconfig
     from training.data import TrainingConversation
-    from training.service import run_fit, write_job
+    from training.launch import run_fit, write_job
 
     over: dict[str, Any] = {"max_steps": args.steps, "epochs": 1000.0, "warmup_steps": 1}
     if args.seq_len:
