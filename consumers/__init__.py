@@ -1,3 +1,3 @@
 """Consumers of the accepted corpus: the writer that drains the accepted and decision
 topics into durable shards (``writer``) and the shard store it writes and the CLI
-and report read (``store``). Imports the kernel only."""
+and report read (the ``store`` package). Imports the kernel only."""

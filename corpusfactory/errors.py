@@ -31,7 +31,7 @@ worth trying again?
             │   └── JavaMissingError
             └── ModelError          a model cannot be loaded or run
 
-Stage modules subclass these (``training.service.TrainingError``,
+Stage modules subclass these (``training.launch.TrainingError``,
 ``consumers.store.CorpusStoreError``, ``serving.backends.base.BackendError``, ...)
 under the branch that says how to handle them. :func:`exit_code` maps the tree to
 the command line's exit codes; :func:`is_transient` is the one test a retry loop

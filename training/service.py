@@ -42,14 +42,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,55 +62,27 @@ from corpusfactory.contract import (
     encode,
 )
 from corpusfactory.engines.models.registry import resolve_model
-from corpusfactory.errors import ContractError, PermanentError, is_transient
+from corpusfactory.errors import ContractError, is_transient
 from corpusfactory.failures import FailureRecords, error_line
-from corpusfactory.kafka_clients import announce, assign, read_until
+from corpusfactory.kafka_clients import announce
 from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import TrainerMetrics
-from corpusfactory.settings import Settings, TrainingSettings
+from corpusfactory.settings import Settings
 from training import dsconfig
-from training.data import (
-    TrainingConversation,
-    data_hash,
-    read_jsonl,
-    split,
-    write_jsonl,
-)
-from training.fit import JOB, PARENT_ENV, STATS
+from training.data import TrainingConversation, data_hash, write_jsonl
+from training.fit import STATS
+from training.launch import TrainingError, fit_command, run_fit, write_job
 from training.snapshots import CONVERSATIONS, HELDOUT, MANIFEST, Snapshot, SnapshotStore
 from training.trigger import TriggerPolicy
+from training.window import (
+    Pending,
+    failures_after,
+    manifest_ends,
+    read_from_start,
+    select_window,
+)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(PermanentError):
-    """A fine-tuning run failed; its job directory is kept for inspection (until the
-    next run or restart)."""
-
-
-@dataclass
-class Pending:
-    """Conversations read since the last snapshot, and how far each partition was read."""
-
-    conversations: list[TrainingConversation] = field(default_factory=list)
-    positions: dict[int, int] = field(default_factory=dict)
-    undecodable: int = 0
-
-    def trainable(self, t: Any, after: dict[int, int] | None = None) -> int:
-        """Trainable conversations; with ``after``, only those at or past its offsets."""
-        after = after or {}
-        return sum(
-            1
-            for c in self.conversations
-            if c.offset >= after.get(c.partition, 0)
-            and split(
-                c,
-                heldout_percent=t.heldout_percent,
-                sources=t.sources,
-                include_truncated=t.include_truncated,
-            )
-            == "train"
-        )
 
 
 class Trainer:
@@ -168,7 +136,7 @@ class Trainer:
             raise TrainingError(f"topic {self.topic} does not exist (run the workers first)")
         self._tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         consumer.assign(self._tps)
-        ends = _manifest_ends(latest)
+        ends = manifest_ends(latest)
         for tp in self._tps:
             if tp.partition in ends:
                 consumer.seek(tp, ends[tp.partition])
@@ -267,7 +235,9 @@ class Trainer:
         latest = self.store.latest()
         parent = latest if self.t.init == "continue" else None
         window = self._window(latest)
-        train, heldout, counts = self._select(window, parent)
+        train, heldout, counts = select_window(
+            window, parent, self.store, self.t, self.pending.undecodable
+        )
         if not train:
             log.info("trigger %s but no conversation to train on: %s", reason, dict(counts))
             # Keep only what a later snapshot still needs (held-out conversations), so an
@@ -321,7 +291,7 @@ class Trainer:
                 "data_hash": key,
                 "training": self.t.model_dump(mode="json"),
                 "deepspeed": self.ds_config,
-                "launcher": self._command(job_dir)[:-1],
+                "launcher": fit_command(self.t, job_dir)[:-1],
                 "wall_seconds": round(time.time() - started, 3),
                 **{k: v for k, v in stats.items() if k not in ("loss_curve",)},
                 "loss_curve": stats.get("loss_curve", []),
@@ -351,7 +321,7 @@ class Trainer:
         shutil.rmtree(job_dir, ignore_errors=True)
         self.pending = Pending(positions=dict(self.pending.positions))
         self.last_snapshot_at = time.time()
-        resolved = self._failures_after(latest)
+        resolved = failures_after(self.failures, self.topic, latest)
         for item in resolved:  # their conversations are in this snapshot
             self.failures.clear(item)
         if resolved:
@@ -409,21 +379,10 @@ class Trainer:
         )  # fmt: skip
         self.metrics.failures.inc()
 
-    def _failures_after(self, latest: Snapshot | None) -> dict[str, dict[str, Any]]:
-        """Records of failed windows of this topic that started after ``latest``."""
-        after = latest.id if latest else ""
-        return {
-            item: rec
-            for item, rec in self.failures.all().items()
-            if rec.get("topic") == self.topic
-            and rec.get("after_snapshot") == after
-            and isinstance(rec.get("ends"), dict)
-        }
-
     def _load_failures(self, latest: Snapshot | None) -> None:
         """After a restart: the failed windows that start where pending starts."""
         self.failed_through, self.last_failure_at = {}, 0.0
-        for rec in self._failures_after(latest).values():
+        for rec in failures_after(self.failures, self.topic, latest).values():
             for p, end in rec["ends"].items():
                 part = int(p)
                 self.failed_through[part] = max(self.failed_through.get(part, 0), int(end))
@@ -437,51 +396,9 @@ class Trainer:
     def _window(self, latest: Snapshot | None) -> list[TrainingConversation]:
         if self.t.init == "continue":
             return list(self.pending.conversations)
-        return self._read_from_start()
-
-    def _select(
-        self, window: list[TrainingConversation], parent: Snapshot | None
-    ) -> tuple[list[TrainingConversation], list[TrainingConversation], Counter[str]]:
-        seen = self.store.trained_ids(parent) if parent else set()
-        heldout: dict[str, TrainingConversation] = {}
-        if parent is not None and (parent.path / HELDOUT).is_file():
-            heldout = {c.conversation_id: c for c in read_jsonl(parent.path / HELDOUT)}
-        counts: Counter[str] = Counter()
-        if self.pending.undecodable:
-            counts["undecodable"] = self.pending.undecodable
-        train: list[TrainingConversation] = []
-        for conv in window:
-            kind = split(
-                conv,
-                heldout_percent=self.t.heldout_percent,
-                sources=self.t.sources,
-                include_truncated=self.t.include_truncated,
-            )
-            if kind == "heldout":
-                heldout.setdefault(conv.conversation_id, conv)
-            elif kind != "train":
-                counts[kind] += 1
-            elif conv.conversation_id in seen:
-                counts["already_trained"] += 1
-            else:
-                seen.add(conv.conversation_id)
-                train.append(conv)
-        return train, list(heldout.values()), counts
-
-    def _read_from_start(self) -> list[TrainingConversation]:
-        """Every conversation from the topic's start to the current positions (init: base)."""
-        consumer = kafka_consumer(self.s.kafka, self.bootstrap, group_id=None)
-        try:
-            parts = [tp.partition for tp in self._tps]
-            assign(consumer, self.topic, "beginning", partitions=parts)
-            goal = {tp: self.pending.positions[tp.partition] for tp in self._tps}
-            # An undecodable record is skipped (it was counted when first read).
-            return [
-                TrainingConversation.from_accepted(conv, tp.partition, offset)
-                for tp, offset, conv in read_until(consumer, goal, decode_accepted)
-            ]
-        finally:
-            consumer.close(autocommit=False)
+        return read_from_start(
+            self.s, self.bootstrap, self.topic, self._tps, self.pending.positions
+        )
 
     def _offsets(self, latest: Snapshot | None) -> dict[str, dict[str, int]]:
         assert self._consumer is not None
@@ -490,7 +407,7 @@ class Trainer:
                 tp.partition: v for tp, v in self._consumer.beginning_offsets(self._tps).items()
             }
         else:
-            starts = _manifest_ends(latest)
+            starts = manifest_ends(latest)
             firsts = self._consumer.beginning_offsets(self._tps)
             for tp in self._tps:
                 starts.setdefault(tp.partition, firsts[tp])
@@ -501,11 +418,6 @@ class Trainer:
 
     # -- the child process ------------------------------------------------------------------
 
-    def _command(self, job_dir: Path) -> list[str]:
-        if self.t.launcher == "deepspeed":
-            return ["deepspeed", *self.t.launcher_args, "--module", "training.fit", str(job_dir)]
-        return [sys.executable, "-m", "training.fit", str(job_dir)]
-
     def _fit(
         self,
         job_dir: Path,
@@ -515,7 +427,7 @@ class Trainer:
         train: list[TrainingConversation],
     ) -> dict[str, Any]:
         write_job(job_dir, snap_id, init_from, staging, train, self.t, self.ds_config, self.fmt)
-        cmd = self._command(job_dir)
+        cmd = fit_command(self.t, job_dir)
         log.info("training %s on %d conversations: %s", snap_id, len(train), " ".join(cmd))
         try:
             return run_fit(cmd, job_dir, staging)
@@ -545,64 +457,3 @@ class Trainer:
                 for p, off in positions.items()
             }
         )
-
-
-def write_job(
-    job_dir: Path,
-    snap_id: str,
-    init_from: str,
-    staging: Path,
-    train: list[TrainingConversation],
-    t: TrainingSettings,
-    ds_config: dict[str, Any],
-    fmt: ChatFormat,
-) -> None:
-    """The job directory ``training.fit`` reads: job.json and train.jsonl."""
-    if job_dir.exists():
-        shutil.rmtree(job_dir)
-    job_dir.mkdir(parents=True)
-    write_jsonl(job_dir / "train.jsonl", train)
-    job = {
-        "snapshot_id": snap_id,
-        "init_from": init_from,
-        "output_dir": str(staging),
-        "data": "train.jsonl",
-        "training": t.model_dump(mode="json"),
-        "deepspeed": ds_config,
-        "chat_format": {"user_tag": fmt.user_tag, "assistant_tag": fmt.assistant_tag},
-    }
-    (job_dir / JOB).write_text(json.dumps(job, indent=2), encoding="utf-8")
-
-
-def run_fit(cmd: list[str], job_dir: Path, staging: Path) -> dict[str, Any]:
-    """Run ``training.fit`` as a child process (it dies with us); return its stats."""
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir()))
-    # The child dies with us (it sets that up itself: see training.fit.die_with_parent).
-    env[PARENT_ENV] = str(os.getpid())
-    log_path = job_dir / "fit.log"
-    with log_path.open("w", encoding="utf-8") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise TrainingError(
-            f"training failed with status {proc.returncode}; log: {log_path}\n{tail}"
-        )
-    stats_path = staging / STATS
-    if not stats_path.is_file():
-        raise TrainingError(f"training exited 0 but wrote no {stats_path}")
-    stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
-    return stats
-
-
-def _manifest_ends(snap: Snapshot | None) -> dict[int, int]:
-    if snap is None:
-        return {}
-    parts = snap.manifest.get("offsets", {})
-    return {int(p): int(v["end"]) for p, v in parts.items()}
-
-
-def _torch_extensions_dir() -> Path:
-    # DeepSpeed compiles a small CPU op on first use (about 50 s); keep it with our caches.
-    root = Path(os.environ.get("CORPUSFACTORY_CACHE", "~/.cache/corpusfactory")).expanduser()
-    return root / "torch_extensions"

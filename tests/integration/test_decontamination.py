@@ -20,7 +20,7 @@ from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.tools.stack import WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import candidate, decisions_by_turn, producer, wait_for
-from training.evaluation.evalita import read_ami2020
+from training.evaluation.evalita_files import read_ami2020
 from training.evaluation.items import evaluation_items
 from training.evaluation.squad_it import load_squad
 

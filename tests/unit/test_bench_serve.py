@@ -14,7 +14,8 @@ import pytest
 from corpusfactory.cli.main import build_parser
 from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import ModelError
-from corpusfactory.tools.bench import bench_serve, memory_bandwidth_gbs
+from corpusfactory.tools.bench_machine import memory_bandwidth_gbs
+from corpusfactory.tools.bench_serve import bench_serve
 
 # Loads a model, runs an engine or builds files: the second tier (make test-fast skips it).
 pytestmark = pytest.mark.slow

@@ -13,17 +13,14 @@ import pytest
 from corpusfactory.chatformat import ChatFormat
 from corpusfactory.engines.models.demo import DemoModels
 from corpusfactory.errors import InputFileError
-from training.evaluation.evalita import (
+from training.evaluation.evalita import TASKS, build_prompt, evaluate_evalita, select_shots
+from training.evaluation.evalita_files import (
     LAYOUTS,
-    TASKS,
     EvalitaFileError,
     Example,
-    build_prompt,
-    evaluate_evalita,
     read_ami2020,
     read_ironita2018,
     read_sentipolc2014,
-    select_shots,
 )
 from training.evaluation.lm import CausalLM
 from training.evaluation.metrics import classification_scores

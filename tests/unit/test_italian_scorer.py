@@ -23,6 +23,8 @@ from corpusfactory.engines.models.italian import (
     MODEL_NAME,
     build_italian_scorer,
     cache_key,
+)
+from corpusfactory.engines.models.italian_data import (
     default_source,
     heldout_sentences,
     is_heldout_article,

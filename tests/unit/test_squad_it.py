@@ -292,7 +292,7 @@ def test_rescore_rejects_repeated_ids(tmp_path: Path) -> None:
 
 
 def test_scorer_heldout_articles_only() -> None:
-    from corpusfactory.engines.models.italian import is_heldout_article
+    from corpusfactory.engines.models.italian_data import is_heldout_article
     from corpusfactory.settings import SQUAD_IT_SHIPPED
     from training.evaluation.squad_it import article_filter
 

@@ -370,10 +370,10 @@ def test_failed_write_blocks_the_store_until_reopened(
     def boom(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("consumers.store.os.fsync", boom)
+    monkeypatch.setattr("consumers.store.shards.os.fsync", boom)
     with pytest.raises(CorpusStoreError, match="No space left"):
         store.write_batch([conv("a")])
-    monkeypatch.setattr("consumers.store.os.fsync", real_fsync)
+    monkeypatch.setattr("consumers.store.shards.os.fsync", real_fsync)
     assert "a" not in store  # not indexed: a redelivery will write it
     with pytest.raises(CorpusStoreError, match="reopen"):
         store.write_batch([conv("b")])

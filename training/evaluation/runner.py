@@ -4,7 +4,7 @@ Tasks (``evaluation.tasks``):
 
 * ``squad_it``: k-shot extractive QA, F1 and EM (``squad_it.py``);
 * ``ami2020``, ``ironita2018``, ``sentipolc2014``: 5-shot rank classification, macro F1
-  and accuracy (``evalita.py``), on files the user supplies;
+  and accuracy (``evalita.py``), on files the user supplies (read by ``evalita_files.py``);
 * ``heldout``: perplexity on the snapshot's held-out accepted conversations (never
   trained on by it or its ancestors), beside the base model's perplexity on the very
   same conversations so the two are comparable (the held-out set grows over time);
@@ -103,12 +103,12 @@ class Evaluator:
             raise UsageError("; ".join(problems))
         if not read_files:
             return
-        from training.evaluation import evalita
+        from training.evaluation import evalita_files
 
         for task in tasks:
             if task in EVALITA_TASKS:
                 files = self.e.evalita[task]
-                read = getattr(evalita, f"read_{task}")
+                read = getattr(evalita_files, f"read_{task}")
                 for path in dict.fromkeys((files.train, files.test)):
                     read(path)
 

@@ -124,7 +124,7 @@ def article_filter(articles: str) -> Callable[[str], bool] | None:
     if articles == "all":
         return None
     if articles == "scorer_heldout":
-        from corpusfactory.engines.models.italian import is_heldout_article
+        from corpusfactory.engines.models.italian_data import is_heldout_article
 
         return is_heldout_article
     raise ValueError(f"unknown squad_it_articles {articles!r}: use 'all' or 'scorer_heldout'")

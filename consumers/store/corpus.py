@@ -1,53 +1,30 @@
-"""The durable, idempotent corpus store under ``<state_dir>/corpus/``.
-
-Layout (every file is UTF-8 JSON Lines, one record per line)::
-
-    corpus/
-      accepted-00000.jsonl     accepted conversations, in the export schema
-      accepted-00001.jsonl     ... a new shard every ``shard_lines`` lines
-      decisions-00000.jsonl    admission decisions (for statistics)
-      undecodable-00000.jsonl  events that could not be decoded (never lost silently)
-      .lock                    held (flock) by the one process that writes
-
-Guarantees:
-
-* **Durable.** ``write_batch`` writes, flushes and ``fsync``\\ s every file it touched
-  (and the directory when it created a shard) before it returns, so a caller that
-  commits Kafka offsets after ``write_batch`` never commits an event that is not on
-  disk.
-* **Idempotent.** A conversation id already stored is skipped; the set of ids is
-  rebuilt from the shards when the store is opened. A decision identical to one
-  already stored for the same ``turn_id`` is skipped as well, and the statistics
-  count each ``turn_id`` once, with its first non-replayed decision
-  (``contract.count_decisions``). Undecodable events are counted once per (topic,
-  partition, offset).
-* **Crash-safe.** A crash in the middle of a write leaves at most a torn last line;
-  opening the store for writing truncates it away and logs what was removed (the
-  event it held was never committed to Kafka, so it is consumed again).
-"""
+"""``CorpusStore``: the corpus store's lock, its loading from the shards, durable
+``write_batch``, statistics and export (the layout and guarantees are in the package
+docstring, ``consumers.store``)."""
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
-import math
 import os
-import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corpusfactory.atomicio import atomic_open, fsync_dir
-from corpusfactory.contract import (
-    AcceptedConversation,
-    Decision,
-    count_decisions,
-    prefer_decision,
+from consumers.store.records import (
+    Undecodable,
+    decision_record,
+    dumps_line,
+    export_record,
+    line_digest,
+    valid_conversation,
+    valid_decision,
 )
+from consumers.store.shards import Repair, ShardSet
+from consumers.store.tally import Tally, quantiles
+from corpusfactory.atomicio import atomic_open
+from corpusfactory.contract import AcceptedConversation, Decision, count_decisions
 from corpusfactory.errors import CorpusFactoryError
 from corpusfactory.settings import Settings
 
@@ -58,44 +35,10 @@ CORPUS_DIRNAME = "corpus"
 ACCEPTED_PREFIX = "accepted"
 DECISIONS_PREFIX = "decisions"
 UNDECODABLE_PREFIX = "undecodable"
-QUANTILES = (("p10", 0.10), ("p25", 0.25), ("p50", 0.50), ("p75", 0.75), ("p90", 0.90))
-
-_CHUNK = 64 * 1024
 
 
 class CorpusStoreError(CorpusFactoryError):
     """The corpus store cannot be opened or written (locked, disk error, bad path)."""
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """An event that could not be decoded: where it came from, what it held, why."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    error: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "topic": self.topic,
-            "partition": self.partition,
-            "offset": self.offset,
-            "key": None if self.key is None else self.key.decode("utf-8", errors="replace"),
-            "value": None if self.value is None else self.value.decode("utf-8", errors="replace"),
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class Repair:
-    """A torn last line removed from a shard when the store was opened."""
-
-    path: Path
-    removed_bytes: int
-    kept_bytes: int
 
 
 @dataclass
@@ -113,282 +56,6 @@ class BatchResult:
 def corpus_dir(settings: Settings) -> Path:
     """``<state_dir>/corpus``: where the store of these settings lives."""
     return settings.state_path / CORPUS_DIRNAME
-
-
-def _f(value: Any) -> float:
-    return float(value)
-
-
-def _get(obj: Any, name: str) -> Any:
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
-
-
-def _judge_score(turn: Any) -> float | None:
-    """A turn's LLM-judge score; None when it was not judged (or stored before the judge)."""
-    value = turn.get("judge_score") if isinstance(turn, dict) else turn.judge_score
-    return None if value is None else float(value)
-
-
-def export_record(conv: AcceptedConversation | dict[str, Any]) -> dict[str, Any]:
-    """An accepted conversation in the export schema (fixed key order, floats as floats)."""
-    return {
-        "conversation_id": str(_get(conv, "conversation_id")),
-        "source": str(_get(conv, "source")),
-        "truncated": bool(_get(conv, "truncated")),
-        "target_length": int(_get(conv, "target_length")),
-        "producer_id": str(_get(conv, "producer_id")),
-        "generator": str(_get(conv, "generator")),
-        "finished_at": _f(_get(conv, "finished_at")),
-        "turns": [
-            {
-                "turn_id": str(_get(t, "turn_id")),
-                "role": str(_get(t, "role")),
-                "text": str(_get(t, "text")),
-                "nll": _f(_get(t, "nll")),
-                "similarity": _f(_get(t, "similarity")),
-                "neighbour_id": str(_get(t, "neighbour_id")),
-                "embedder": str(_get(t, "embedder")),
-                "scorer": str(_get(t, "scorer")),
-                "judge_score": _judge_score(t),
-            }
-            for t in _get(conv, "turns")
-        ],
-    }
-
-
-def decision_record(decision: Decision) -> dict[str, Any]:
-    """A decision as stored in the decisions shards (its contract fields)."""
-    return dict(decision.asdict())
-
-
-def dumps_line(obj: dict[str, Any]) -> bytes:
-    """One JSON Lines record: compact UTF-8 JSON and a newline."""
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def quantiles(values: Iterable[float]) -> dict[str, float | None]:
-    """p10..p90 with linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(values)
-    out: dict[str, float | None] = {}
-    for name, q in QUANTILES:
-        if not xs:
-            out[name] = None
-            continue
-        pos = q * (len(xs) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        out[name] = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-    return out
-
-
-def _digest(line: bytes) -> bytes:
-    return hashlib.blake2b(line, digest_size=12).digest()
-
-
-class _ShardSet:
-    """The numbered shards ``<prefix>-NNNNN.jsonl`` of one record kind."""
-
-    def __init__(self, root: Path, prefix: str, shard_lines: int) -> None:
-        self.root = root
-        self.prefix = prefix
-        self.shard_lines = shard_lines
-        self._pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{5,}})\.jsonl$")
-        self._fh: Any = None  # the open current shard (binary append), writers only
-        self._index = 0
-        self._lines = 0  # lines in the current shard
-        self._dirty = False
-
-    def name(self, index: int) -> str:
-        return f"{self.prefix}-{index:05d}.jsonl"
-
-    def shards(self) -> list[Path]:
-        found: list[tuple[int, Path]] = []
-        if self.root.is_dir():
-            for p in self.root.iterdir():
-                m = self._pattern.match(p.name)
-                if m and p.is_file():
-                    found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
-
-    def repair(self) -> list[Repair]:
-        """Truncate a torn (unterminated) last line away in every shard."""
-        repairs = []
-        for path in self.shards():
-            r = _repair_tail(path)
-            if r is not None:
-                repairs.append(r)
-        return repairs
-
-    def read(self) -> Iterator[tuple[Path, int, bytes, dict[str, Any] | None]]:
-        """(path, line number, raw line, parsed object or None if corrupt), in order.
-
-        A torn last line (no newline) is not yielded: it is a write in progress, or
-        a crash the writer repairs when it opens the store.
-        """
-        for path in self.shards():
-            with path.open("rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    if not raw.endswith(b"\n"):
-                        break
-                    yield path, lineno, raw, _parse(raw)
-
-    def open_for_append(self) -> None:
-        shards = self.shards()
-        if shards:
-            last = shards[-1]
-            m = self._pattern.match(last.name)
-            assert m is not None
-            self._index = int(m.group(1))
-            self._lines = _count_lines(last)
-            self._fh = last.open("ab")
-        else:
-            self._index = 0
-            self._lines = 0
-            self._fh = (self.root / self.name(0)).open("ab")
-            fsync_dir(self.root)
-
-    def append(self, lines: list[bytes]) -> None:
-        for line in lines:
-            if self._lines >= self.shard_lines:
-                self._roll()
-            self._fh.write(line)
-            self._lines += 1
-            self._dirty = True
-
-    def _roll(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._index += 1
-        self._lines = 0
-        self._fh = (self.root / self.name(self._index)).open("ab")
-        fsync_dir(self.root)
-        log.info("corpus store: started shard %s", self.name(self._index))
-
-    def sync(self) -> None:
-        if self._fh is not None and self._dirty:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._dirty = False
-
-    def close(self) -> None:
-        if self._fh is not None:
-            try:
-                self.sync()
-            finally:
-                self._fh.close()
-                self._fh = None
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _count_lines(path: Path) -> int:
-    n = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            n += chunk.count(b"\n")
-    return n
-
-
-def _repair_tail(path: Path) -> Repair | None:
-    """If the file does not end with a newline, cut it after its last newline."""
-    size = path.stat().st_size
-    if size == 0:
-        return None
-    with path.open("r+b") as fh:
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return None
-        keep = 0
-        end = size
-        while end > 0:
-            start = max(0, end - _CHUNK)
-            fh.seek(start)
-            chunk = fh.read(end - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            end = start
-        fh.seek(keep)
-        torn = fh.read(min(size - keep, 200))
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-    log.warning(
-        "corpus store: %s ended with a torn line (%d bytes, starting %r); truncated it "
-        "away (the event it held was not committed and is read again from Kafka)",
-        path,
-        size - keep,
-        torn[:80],
-    )
-    return Repair(path=path, removed_bytes=size - keep, kept_bytes=keep)
-
-
-@dataclass
-class _Tally:
-    """The in-memory indexes and aggregates behind dedupe and ``stats()``."""
-
-    ids: set[str] = field(default_factory=set)
-    truncated: int = 0
-    by_source: Counter[str] = field(default_factory=Counter)
-    by_source_truncated: Counter[tuple[str, bool]] = field(default_factory=Counter)
-    messages: int = 0
-    # turn_id -> the record that counts for the turn (contract.prefer_decision)
-    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # turn_id -> digests of the distinct decision lines stored for it
-    digests: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
-    decision_lines: int = 0
-    undecodable: set[tuple[str, int, int]] = field(default_factory=set)
-    corrupt_lines: int = 0
-    duplicate_lines: int = 0  # conversation ids found twice on disk (first one counts)
-
-    def add_conversation(self, rec: dict[str, Any]) -> None:
-        self.ids.add(rec["conversation_id"])
-        if rec.get("truncated"):
-            self.truncated += 1
-        self.by_source[str(rec.get("source", ""))] += 1
-        self.by_source_truncated[str(rec.get("source", "")), bool(rec.get("truncated"))] += 1
-        self.messages += len(rec.get("turns") or ())
-
-    def add_decision(self, rec: dict[str, Any], digest: bytes) -> None:
-        tid = rec["turn_id"]
-        seen = self.digests.get(tid, ())
-        if digest not in seen:
-            self.digests[tid] = (*seen, digest)
-        if prefer_decision(self.decisions.get(tid), rec):
-            self.decisions[tid] = {
-                "turn_id": tid,
-                "accepted": bool(rec["accepted"]),
-                "reason": str(rec["reason"]),
-                "nll": float(rec["nll"]),
-                "replayed": bool(rec.get("replayed")),
-            }
-        self.decision_lines += 1
-
-
-def _valid_conversation(rec: dict[str, Any] | None) -> bool:
-    return (
-        rec is not None
-        and isinstance(rec.get("conversation_id"), str)
-        and isinstance(rec.get("turns"), list)
-    )
-
-
-def _valid_decision(rec: dict[str, Any] | None) -> bool:
-    return (
-        rec is not None
-        and isinstance(rec.get("turn_id"), str)
-        and isinstance(rec.get("accepted"), bool)
-        and isinstance(rec.get("reason"), str)
-        and isinstance(rec.get("nll"), int | float)
-    )
 
 
 class CorpusStore:
@@ -416,11 +83,11 @@ class CorpusStore:
         self.repairs: list[Repair] = []
         self._failed: str | None = None
         self._lock_fd: int | None = None
-        self._accepted = _ShardSet(self.root, ACCEPTED_PREFIX, shard_lines)
-        self._decisions = _ShardSet(self.root, DECISIONS_PREFIX, shard_lines)
-        self._undecodable = _ShardSet(self.root, UNDECODABLE_PREFIX, shard_lines)
+        self._accepted = ShardSet(self.root, ACCEPTED_PREFIX, shard_lines)
+        self._decisions = ShardSet(self.root, DECISIONS_PREFIX, shard_lines)
+        self._undecodable = ShardSet(self.root, UNDECODABLE_PREFIX, shard_lines)
         self._sets = (self._accepted, self._decisions, self._undecodable)
-        self._tally = _Tally()
+        self._tally = Tally()
         if read_only:
             if not self.root.is_dir():
                 raise CorpusStoreError(f"no corpus store at {self.root}")
@@ -499,7 +166,7 @@ class CorpusStore:
     def _load(self) -> None:
         t = self._tally
         for path, lineno, raw, rec in self._accepted.read():
-            if not _valid_conversation(rec):
+            if not valid_conversation(rec):
                 self._corrupt(path, lineno, raw)
                 continue
             assert rec is not None
@@ -508,11 +175,11 @@ class CorpusStore:
                 continue
             t.add_conversation(rec)
         for path, lineno, raw, rec in self._decisions.read():
-            if not _valid_decision(rec):
+            if not valid_decision(rec):
                 self._corrupt(path, lineno, raw)
                 continue
             assert rec is not None
-            t.add_decision(rec, _digest(raw))
+            t.add_decision(rec, line_digest(raw))
         for path, lineno, raw, rec in self._undecodable.read():
             if (
                 rec is None
@@ -553,14 +220,14 @@ class CorpusStore:
         valid decision are skipped, as when the store is opened.
         """
         for _, _, _, rec in self._decisions.read():
-            if _valid_decision(rec):
+            if valid_decision(rec):
                 assert rec is not None
                 yield rec
 
     def _iter_accepted(self, include_truncated: bool) -> Iterator[tuple[bytes, dict[str, Any]]]:
         seen: set[str] = set()
         for _, _, raw, rec in self._accepted.read():
-            if not _valid_conversation(rec):
+            if not valid_conversation(rec):
                 continue
             assert rec is not None
             cid = rec["conversation_id"]
@@ -613,7 +280,7 @@ class CorpusStore:
         for dec in decisions:
             rec = decision_record(dec)
             line = dumps_line(rec)
-            digest = _digest(line)
+            digest = line_digest(line)
             if digest in t.digests.get(rec["turn_id"], ()) or digest in pending_digests:
                 result.decisions_skipped += 1
                 continue
