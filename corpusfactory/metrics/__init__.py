@@ -13,8 +13,9 @@ the caller's choice::
 Names, labels and ports are the contract in ``docs/metrics.md``; the rejection
 reasons are ``corpusfactory.contract.Reason``, exported from start-up at 0 so
 that a reason that never happened reads as a rate of 0, not as missing data.
-Consumer lag is read from Kafka when Prometheus scrapes (``LagCollector``), in
-the HTTP server's thread, never on a component's event loop.
+Consumer lag (``LagCollector``) is read from Kafka by a daemon thread every
+``metrics.lag_cache_s`` seconds, never on a component's event loop; a scrape only
+reads the last figures.
 
 The modules: ``constants`` (series prefix, components, histogram buckets), ``base``
 (``ComponentMetrics``), ``components`` (one class per component), ``lag``

