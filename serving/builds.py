@@ -11,11 +11,16 @@ inspection, and is never served.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corpusfactory.atomicio import write_json_atomic
+from corpusfactory.errors import ContractError
+from corpusfactory.records import BuildRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,9 @@ class BuildStore:
             raise FileNotFoundError(f"build {snapshot}/{quant}: {path} does not exist")
         record = {**record, "snapshot": snapshot, "quant": quant, "path": str(path)}
         record["size_bytes"] = path.stat().st_size
-        write_json_atomic(self.root / snapshot / f"{quant}.json", record)
+        target = self.root / snapshot / f"{quant}.json"
+        record = BuildRecord.read(record, target).as_dict()
+        write_json_atomic(target, record)
         return Build(snapshot, quant, path, record)
 
     def cleanup_partial(self) -> list[str]:
@@ -80,7 +87,14 @@ class BuildStore:
         for rec_path in sorted(self.root.glob("*/*.json")):
             if rec_path.name.startswith("."):
                 continue
-            record = json.loads(rec_path.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(rec_path.read_text(encoding="utf-8"))
+                BuildRecord.read(data, rec_path)  # the file as written, checked
+                record = data
+            except (OSError, ValueError, ContractError) as exc:
+                # One unreadable record hides its build, never the others.
+                log.warning("skipping the build record %s: %s", rec_path, exc)
+                continue
             gguf = rec_path.with_suffix(".gguf")
             if gguf.is_file():
                 out.append(Build(rec_path.parent.name, rec_path.stem, gguf, record))

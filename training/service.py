@@ -67,6 +67,7 @@ from corpusfactory.failures import FailureRecords, error_line
 from corpusfactory.kafka_clients import announce
 from corpusfactory.kafka_clients import consumer as kafka_consumer
 from corpusfactory.metrics import TrainerMetrics
+from corpusfactory.records import SnapshotManifest
 from corpusfactory.settings import Settings
 from training import dsconfig
 from training.data import TrainingConversation, data_hash, write_jsonl
@@ -301,6 +302,7 @@ class Trainer:
             )
             write_jsonl(staging / HELDOUT, heldout)
             (staging / STATS).unlink(missing_ok=True)  # its content is in the manifest
+            manifest = SnapshotManifest.read(manifest, staging / MANIFEST).as_dict()
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             step = "publish"
             snap = self.store.publish(snap_id)

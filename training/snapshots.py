@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corpusfactory.errors import CorpusFactoryError
+from corpusfactory.errors import ContractError, CorpusFactoryError
 from corpusfactory.faults import pause_point
+from corpusfactory.records import SnapshotManifest
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -156,8 +157,10 @@ class SnapshotStore:
 
     def _load(self, path: Path) -> Snapshot:
         try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            SnapshotManifest.read(data, path / MANIFEST)  # the file as written, checked
+            manifest = data
+        except (OSError, json.JSONDecodeError, ContractError) as exc:
             raise SnapshotError(f"snapshot {path.name}: unreadable manifest: {exc}") from exc
         return Snapshot(path.name, path, manifest)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corpusfactory.contract import AcceptedConversation, Decision
+from corpusfactory.records import ExportLine
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def _judge_score(turn: Any) -> float | None:
 def export_record(conv: AcceptedConversation | dict[str, Any]) -> dict[str, Any]:
     """An accepted conversation in the export schema (fixed key order, floats as floats)."""
     return {
+        "record_version": ExportLine.VERSION,
         "conversation_id": str(_get(conv, "conversation_id")),
         "source": str(_get(conv, "source")),
         "truncated": bool(_get(conv, "truncated")),

@@ -24,6 +24,7 @@ from corpusfactory.contract import (
     Decision,
     Reason,
 )
+from corpusfactory.records import ExportLine
 from corpusfactory.settings import Settings
 
 
@@ -95,7 +96,9 @@ def lines(path: Path) -> list[dict]:
 
 def test_export_record_schema_and_order() -> None:
     rec = export_record(conv("a", 1))
+    assert ExportLine.read(rec).as_dict() == rec  # the typed export line, version 1
     assert list(rec) == [
+        "record_version",
         "conversation_id",
         "source",
         "truncated",
