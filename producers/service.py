@@ -31,16 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
 from corpusfactory import contract
 from corpusfactory.chatformat import ChatFormat
-from corpusfactory.contract import ContractError, Decision, encode
+from corpusfactory.contract import Decision
 from corpusfactory.errors import UnavailableError
-from corpusfactory.kafka_clients import aiokafka_kwargs
 from corpusfactory.metrics import ProducerMetrics
 from corpusfactory.seeds import SeedConversation, load_seeds
 from corpusfactory.settings import Settings
+from producers.channel import TurnChannel, stale
 from producers.conversation import Conversation, Outcome, draw_target_length
 from producers.generators.base import Generator
 from producers.state import ConversationStore
@@ -115,39 +113,6 @@ class SelfChatProducer:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
-        kw = aiokafka_kwargs(self.settings.kafka, self.bootstrap)
-        producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True, linger_ms=5)
-        group = f"{self.settings.kafka.topic_prefix}producer-{self.p.producer_id}"
-        consumer = AIOKafkaConsumer(
-            **kw,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            max_poll_records=500,
-        )
-        return producer, consumer
-
-    async def _assign_decisions(
-        self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer
-    ) -> None:
-        """Take every decision partition, at the committed offset or the current end.
-
-        Manual assignment: this producer needs every partition (its conversations
-        hash anywhere), and its positions are fixed before it sends a candidate, so
-        no decision for one of its candidates can be missed.
-        """
-        topic = self.settings.topic(contract.DECISIONS)
-        parts = await producer.partitions_for(topic)  # waits for the topic's metadata
-        if not parts:
-            raise ContractError(f"topic {topic!r} has no partitions: is it created?")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            committed = await consumer.committed(tp)
-            consumer.seek(tp, committed if committed is not None else ends[tp])
-
     def _new_conversation(self) -> Conversation:
         k = min(self.p.fewshot_k, len(self.seeds))
         examples = self.rng.sample(self.seeds, k) if k else []
@@ -170,18 +135,17 @@ class SelfChatProducer:
     async def run(self, stop: asyncio.Event | None = None) -> ProducerStats:
         t0 = time.perf_counter()
         stop = stop or asyncio.Event()
-        producer, consumer = self._clients()
+        group = f"{self.settings.kafka.topic_prefix}producer-{self.p.producer_id}"
+        channel = TurnChannel(self.settings, self.bootstrap, group=group, dead_letter=True)
         try:
-            await producer.start()
-            await consumer.start()
-            await self._assign_decisions(producer, consumer)
+            await channel.start()
             for conv in self.store.load_unpublished():
-                await self._publish(producer, conv)
+                await self._publish(channel, conv)
             self.active = {c.conversation_id: c for c in self.store.load_active()}
             self._gauge_active()
             resend = [c for c in self.active.values() if c.pending is not None]
-            for conv in resend:
-                await self._send(producer, conv.pending_candidate())
+            await self._send(channel, [c.pending_candidate() for c in resend])
+            for _ in resend:
                 self._count_resend()
             if resend:
                 log.info(
@@ -194,9 +158,9 @@ class SelfChatProducer:
                     break
                 # Decisions are applied while the generator thread works, so a turn's
                 # decision never waits for the next batch to finish generating.
-                generating = asyncio.create_task(self._generate_round(producer))
+                generating = asyncio.create_task(self._generate_round(channel))
                 while not generating.done():
-                    await self._poll_decisions(producer, consumer, wait_ms=100)
+                    await self._poll_decisions(channel, wait_ms=100)
                 try:
                     await generating
                 except UnavailableError as exc:
@@ -213,14 +177,13 @@ class SelfChatProducer:
                     )
                     deadline = time.monotonic() + delay
                     while time.monotonic() < deadline and not stop.is_set():
-                        await self._poll_decisions(producer, consumer, wait_ms=200)
+                        await self._poll_decisions(channel, wait_ms=200)
                     continue
                 gen_failures = 0
-                await self._poll_decisions(producer, consumer)
-                await self._resend_stale(producer)
+                await self._poll_decisions(channel)
+                await self._resend_stale(channel)
         finally:
-            await producer.stop()
-            await consumer.stop()
+            await channel.stop()
             self.store.close()
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
@@ -237,7 +200,7 @@ class SelfChatProducer:
             self.active[conv.conversation_id] = conv
         self._gauge_active()
 
-    async def _generate_round(self, producer: AIOKafkaProducer) -> None:
+    async def _generate_round(self, channel: TurnChannel) -> None:
         idle = [c for c in self.active.values() if c.pending is None]
         if not idle:
             return
@@ -268,53 +231,28 @@ class SelfChatProducer:
                 self.stats.empty_generations += 1
                 self.metrics.empty.labels(self.p.producer_id).inc()
                 if conv.reject_unsent(now) is Outcome.TRUNCATED:
-                    await self._close(producer, conv)
+                    await self._close(channel, conv)
                 continue
             to_send.append(conv.new_pending(text, self.generator.id, now, self.p.producer_id))
             self.store.save(conv)  # pending is durable before the candidate leaves
-        for cand in to_send:
-            await self._send(producer, cand)
+        await self._send(channel, to_send)
+        for _ in to_send:
             self.metrics.generated.labels(self.p.producer_id, self.generator.id).inc()
 
-    async def _send(self, producer: AIOKafkaProducer, cand: contract.CandidateTurn) -> None:
-        await producer.send_and_wait(
-            self.settings.topic(contract.CANDIDATES),
-            key=cand.conversation_id.encode(),
-            value=encode(cand),
-        )
-        self.stats.candidates_sent += 1
+    async def _send(self, channel: TurnChannel, cands: list[contract.CandidateTurn]) -> None:
+        await channel.send(cands)
+        self.stats.candidates_sent += len(cands)
 
-    async def _poll_decisions(
-        self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, wait_ms: int | None = None
-    ) -> None:
+    async def _poll_decisions(self, channel: TurnChannel, wait_ms: int | None = None) -> None:
         if wait_ms is None:
             # Wait longer while every conversation is waiting on a decision.
             waiting = all(c.pending is not None for c in self.active.values())
             wait_ms = 1000 if waiting else 50
-        batches = await consumer.getmany(timeout_ms=wait_ms)
-        for _tp, records in batches.items():
-            for rec in records:
-                await self._on_decision(producer, rec)
-        if batches:
-            await consumer.commit()
+        for decision in await channel.decisions(wait_ms):
+            await self._on_decision(channel, decision)
+        await channel.commit()
 
-    async def _on_decision(self, producer: AIOKafkaProducer, rec: Any) -> None:
-        try:
-            decision = contract.decode_decision(rec.value)
-        except ContractError as exc:
-            dl = contract.dead_letter(
-                topic=rec.topic,
-                partition=rec.partition,
-                offset=rec.offset,
-                key=rec.key,
-                value=rec.value,
-                error=exc,
-                stage="producer",
-            )
-            await producer.send_and_wait(
-                self.settings.topic(contract.DEADLETTER), key=rec.key, value=encode(dl)
-            )
-            return
+    async def _on_decision(self, channel: TurnChannel, decision: Decision) -> None:
         conv = self.active.get(decision.conversation_id)
         if conv is None:
             return  # another producer's conversation, or one already closed
@@ -330,7 +268,7 @@ class SelfChatProducer:
             self.stats.roundtrip_s += roundtrip
             self.metrics.stage.labels("roundtrip").observe(roundtrip)
         if conv.done:
-            await self._close(producer, conv)
+            await self._close(channel, conv)
         else:
             self.store.save(conv)
         if self.observer is not None:
@@ -339,7 +277,7 @@ class SelfChatProducer:
             except Exception:  # a display must never stop the producer
                 log.exception("decision observer failed")
 
-    async def _close(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
+    async def _close(self, channel: TurnChannel, conv: Conversation) -> None:
         self.store.save(conv)
         self.active.pop(conv.conversation_id, None)
         if conv.status == "finished":
@@ -348,35 +286,29 @@ class SelfChatProducer:
             self.stats.truncated += 1
         self.metrics.conversations.labels(self.p.producer_id, conv.status).inc()
         self._gauge_active()
-        await self._publish(producer, conv)
+        await self._publish(channel, conv)
 
-    async def _publish(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
-        publish = conv.status == "finished" or (
-            self.p.publish_truncated and len(conv.messages) >= self.p.min_truncated_messages
-        )
-        if publish and conv.messages:
-            record = conv.to_accepted(self.p.producer_id, self.generator.id)
-            await producer.send_and_wait(
-                self.settings.topic(contract.ACCEPTED),
-                key=conv.conversation_id.encode(),
-                value=encode(record),
-            )
+    async def _publish(self, channel: TurnChannel, conv: Conversation) -> None:
+        if await channel.publish(conv, self.p, self.p.producer_id, self.generator.id):
             self.stats.published += 1
         self.store.mark_published(conv.conversation_id)
 
-    async def _resend_stale(self, producer: AIOKafkaProducer) -> None:
+    async def _resend_stale(self, channel: TurnChannel) -> None:
         """Re-send candidates that waited too long (a lost worker); same turn id."""
         now = time.time()
-        for conv in self.active.values():
-            p = conv.pending
-            if p is not None and now - p.created_at > self.p.decision_timeout_s:
-                log.warning(
-                    "no decision for %s after %.0fs: re-sending", p.turn_id, now - p.created_at
-                )
-                p.created_at = now
-                self.store.save(conv)
-                await self._send(producer, conv.pending_candidate())
-                self._count_resend()
+        again = stale(self.active.values(), self.p.decision_timeout_s, now)
+        for conv in again:
+            assert conv.pending is not None
+            log.warning(
+                "no decision for %s after %.0fs: re-sending",
+                conv.pending.turn_id,
+                now - conv.pending.created_at,
+            )
+            conv.pending.created_at = now
+            self.store.save(conv)
+        await self._send(channel, [c.pending_candidate() for c in again])
+        for _ in again:
+            self._count_resend()
 
     def _count_resend(self) -> None:
         self.stats.resent += 1

@@ -73,13 +73,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
 from corpusfactory import contract
 from corpusfactory.chatformat import Message
-from corpusfactory.errors import ContractError, UsageError
-from corpusfactory.kafka_clients import aiokafka_kwargs
+from corpusfactory.errors import UsageError
 from corpusfactory.settings import Settings
+from producers.channel import TurnChannel, stale
 from producers.conversation import Conversation, Outcome
 from producers.ingest.formats import IngestError
 from producers.ingest.refine import RefinedConversation
@@ -170,48 +168,33 @@ class IngestPublisher:
     ) -> IngestStats:
         t0 = time.perf_counter()
         stop = stop or asyncio.Event()
-        kw = aiokafka_kwargs(self.settings.kafka, self.bootstrap)
-        producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True, linger_ms=5)
-        consumer = AIOKafkaConsumer(**kw, group_id=None, enable_auto_commit=False)
+        # No consumer group: positioned at the end before any candidate leaves, every
+        # decision for one of ours comes later; older ones (other runs) are skipped.
+        # Undecodable decisions are skipped: the self-chat producers dead-letter them.
+        channel = TurnChannel(
+            self.settings, self.bootstrap, group=None, dead_letter=False, stage="ingest"
+        )
         try:
-            await producer.start()
-            await consumer.start()
-            await self._assign_decisions(producer, consumer)
+            await channel.start()
             for conv in self.store.load_unpublished():  # closed just before a crash
-                await self._publish(producer, conv)
+                await self._publish(channel, conv)
             source: Iterator[RefinedConversation] | None = iter(conversations)
             while not stop.is_set():
-                if source is not None and not await self._fill(producer, source):
+                if source is not None and not await self._fill(channel, source):
                     source = None
-                await self._flush(producer)
+                await self._flush(channel)
                 if not self.active:
                     break
-                await self._poll(producer, consumer)
+                for decision in await channel.decisions(wait_ms=1000):
+                    await self._on_decision(channel, decision)
                 self._resend_stale()
         finally:
-            await producer.stop()
-            await consumer.stop()
+            await channel.stop()
             self.store.close()
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
 
-    async def _assign_decisions(
-        self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer
-    ) -> None:
-        # Positioned at the end before any candidate leaves: every decision for one
-        # of ours comes later, and older ones (other runs, other producers) are skipped.
-        topic = self.settings.topic(contract.DECISIONS)
-        parts = await producer.partitions_for(topic)
-        if not parts:
-            raise ContractError(f"topic {topic!r} has no partitions: is it created?")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        for tp, end in (await consumer.end_offsets(tps)).items():
-            consumer.seek(tp, end)
-
-    async def _fill(
-        self, producer: AIOKafkaProducer, source: Iterator[RefinedConversation]
-    ) -> bool:
+    async def _fill(self, channel: TurnChannel, source: Iterator[RefinedConversation]) -> bool:
         """Start conversations up to ``in_flight``; False once ``source`` is exhausted."""
         while len(self.active) < self.in_flight:
             refined = next(source, None)
@@ -230,7 +213,7 @@ class IngestPublisher:
             if conv is not None and conv.pending is not None:
                 self._resend(conv)  # decided or not: the admitter answers either way
             else:
-                await self._advance(producer, slot)
+                await self._advance(channel, slot)
         return True
 
     def _new(self, cid: str, refined: RefinedConversation) -> Conversation:
@@ -243,7 +226,7 @@ class IngestPublisher:
             created_at=time.time(),
         )
 
-    async def _advance(self, producer: AIOKafkaProducer, slot: _Slot) -> None:
+    async def _advance(self, channel: TurnChannel, slot: _Slot) -> None:
         """Queue the conversation's next turn, saved as pending before it can leave."""
         conv = slot.conv
         message = slot.messages[conv.index]
@@ -256,7 +239,7 @@ class IngestPublisher:
             # The scorer would dead-letter it and never decide: a rejection here.
             self.stats.oversized += 1
             conv.reject_unsent()
-            await self._close(producer, conv)
+            await self._close(channel, conv)
             return
         cand = conv.new_pending(message.text, "", time.time(), self.run_id)
         self.store.save(conv)
@@ -268,31 +251,15 @@ class IngestPublisher:
         self.store.save(conv)
         self._outbox.append((conv.pending_candidate(), True))
 
-    async def _flush(self, producer: AIOKafkaProducer) -> None:
-        topic = self.settings.topic(contract.CANDIDATES)
+    async def _flush(self, channel: TurnChannel) -> None:
         outbox, self._outbox = self._outbox, []
-        sends = [
-            await producer.send(topic, key=c.conversation_id.encode(), value=contract.encode(c))
-            for c, _ in outbox
-        ]
-        await asyncio.gather(*sends)  # every candidate acknowledged before waiting on decisions
+        # every candidate acknowledged before waiting on decisions
+        await channel.send([c for c, _ in outbox])
         resent = sum(resend for _, resend in outbox)
         self.stats.turns_resent += resent
         self.stats.turns_sent += len(outbox) - resent
 
-    async def _poll(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
-        batches = await consumer.getmany(timeout_ms=1000)
-        for records in batches.values():
-            for rec in records:
-                await self._on_decision(producer, rec)
-
-    async def _on_decision(self, producer: AIOKafkaProducer, rec: Any) -> None:
-        try:
-            decision = contract.decode_decision(rec.value)
-        except ContractError as exc:
-            # Not ours to dead-letter: self-chat producers read the same topic and do.
-            log.warning("skipping an undecodable decision at offset %s: %s", rec.offset, exc)
-            return
+    async def _on_decision(self, channel: TurnChannel, decision: contract.Decision) -> None:
         slot = self.active.get(decision.conversation_id)
         if slot is None or slot.conv.apply(decision) is Outcome.IGNORED:
             return  # another producer's turn, or a duplicate delivery of an applied one
@@ -304,32 +271,23 @@ class IngestPublisher:
         else:
             st.rejected += 1
         if slot.conv.done:
-            await self._close(producer, slot.conv)
+            await self._close(channel, slot.conv)
         else:
-            await self._advance(producer, slot)
+            await self._advance(channel, slot)
 
-    async def _close(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
+    async def _close(self, channel: TurnChannel, conv: Conversation) -> None:
         self.store.save(conv)
         self.active.pop(conv.conversation_id, None)
         if conv.status == "finished":
             self.stats.complete += 1
         else:
             self.stats.truncated += 1
-        await self._publish(producer, conv)
+        await self._publish(channel, conv)
 
-    async def _publish(self, producer: AIOKafkaProducer, conv: Conversation) -> None:
-        complete = conv.status == "finished"
-        if complete or (
-            self.p.publish_truncated and len(conv.messages) >= self.p.min_truncated_messages
-        ):
-            record = conv.to_accepted(self.run_id, "")
-            await producer.send_and_wait(
-                self.settings.topic(contract.ACCEPTED),
-                key=conv.conversation_id.encode(),
-                value=contract.encode(record),
-            )
+    async def _publish(self, channel: TurnChannel, conv: Conversation) -> None:
+        if await channel.publish(conv, self.p, self.run_id, ""):
             self.stats.published += 1
-            self.stats.published_truncated += not complete
+            self.stats.published_truncated += conv.status != "finished"
         else:
             self.stats.not_published += 1
         self.store.mark_published(conv.conversation_id)  # "closed and handled"
@@ -337,9 +295,8 @@ class IngestPublisher:
     def _resend_stale(self) -> None:
         """Send again a pending turn that waited too long (a lost worker); same turn id."""
         now = time.time()
-        for slot in self.active.values():
-            p = slot.conv.pending
-            if p is not None and now - p.created_at > self.p.decision_timeout_s:
-                waited = now - p.created_at
-                log.warning("no decision for %s after %.0fs: re-sending", p.turn_id, waited)
-                self._resend(slot.conv)
+        for conv in stale((s.conv for s in self.active.values()), self.p.decision_timeout_s, now):
+            assert conv.pending is not None
+            waited = now - conv.pending.created_at
+            log.warning("no decision for %s after %.0fs: re-sending", conv.pending.turn_id, waited)
+            self._resend(conv)

@@ -19,6 +19,8 @@ from corpusfactory.contract import (
     decode_accepted,
     encode,
 )
+from corpusfactory.settings import ProducerSettings
+from producers.channel import should_publish, stale
 from producers.conversation import (
     Conversation,
     Outcome,
@@ -404,3 +406,35 @@ def test_the_judge_score_is_stored_with_the_accepted_turn() -> None:
     for m in old["messages"]:
         del m["judge_score"]
     assert [m.judge_score for m in Conversation.from_dict(old).messages] == [None, None]
+
+
+# ---------------------------------------------------------------------------------
+# the channel's rules, shared by the self-chat producer and ingest
+
+
+def test_what_a_closed_conversation_publishes() -> None:
+    p = ProducerSettings(publish_truncated=True, min_truncated_messages=2)
+    conv = new_conv(target=2, retry_cap=0)
+    assert not should_publish(conv, p)  # nothing accepted yet
+    cand = conv.new_pending("Ciao", "gen", 11.0, "p")
+    conv.apply(decision_for(cand, True))
+    cand = conv.new_pending("Salve", "gen", 12.0, "p")
+    conv.apply(decision_for(cand, True))
+    assert conv.status == "finished" and should_publish(conv, p)
+    short = new_conv(target=4, retry_cap=0)
+    cand = short.new_pending("Ciao", "gen", 11.0, "p")
+    short.apply(decision_for(cand, True))
+    cand = short.new_pending("Ciao", "gen", 12.0, "p")
+    short.apply(decision_for(cand, False))  # retry cap 0: truncated after one message
+    assert short.status == "truncated" and len(short.messages) == 1
+    assert not should_publish(short, p)
+    assert should_publish(short, p.model_copy(update={"min_truncated_messages": 1}))
+    assert not should_publish(short, p.model_copy(update={"publish_truncated": False}))
+
+
+def test_stale_lists_only_pending_turns_that_waited_too_long() -> None:
+    waiting, fresh, idle = new_conv("a"), new_conv("b"), new_conv("c")
+    waiting.new_pending("Ciao", "gen", 100.0, "p")
+    fresh.new_pending("Ciao", "gen", 150.0, "p")
+    assert stale([waiting, fresh, idle], timeout_s=30.0, now=160.0) == [waiting]
+    assert stale([waiting, fresh, idle], timeout_s=5.0, now=160.0) == [waiting, fresh]
