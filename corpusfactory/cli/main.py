@@ -364,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generators: backends, comma-separated",
     )
     p.add_argument("--batches", default="1,8", help="generators: batch sizes, comma-separated")
-    p.add_argument("--rounds", type=int, default=3, help="generators: turns per conversation")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="generators, pipeline: turns per conversation (pipeline: in the stages-alone run)",
+    )
     p.add_argument(
         "--threads", type=int, help="generators: llama.cpp and torch threads (default: cores)"
     )

@@ -3,12 +3,8 @@
 * ``bench scorer``: messages/s of the MLM NLL scorer on the seed messages, its
   achieved GFLOP/s (useful FLOPs, see ``scoring.nll.flops_per_masked_copy``),
   next to this machine's measured float32 matrix-multiply peak.
-* ``bench pipeline``: the whole stack (embedded broker unless
-  ``KAFKA_BOOTSTRAP_SERVERS``, one scorer, one admitter, the producer) on a fresh
-  state directory: decided turns/s end to end; per decided turn, the seconds
-  spent generating, embedding, scoring, admitting, and the rest of its round
-  trip (Kafka transport, batching windows, queueing); and each stage's share of
-  the summed busy time.
+* ``bench pipeline``: each stage alone, then the whole stack, and the pipeline's
+  efficiency against its slowest stage (:mod:`corpusfactory.tools.bench_pipeline`).
 
 * ``bench train``: a fine-tuning run through the trainer's own path (``training.fit``
   under DeepSpeed, the configured ZeRO stage) on the seed conversations: tokens/s of
@@ -85,52 +81,6 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_peak_gflops": round(peak, 2),
         "fraction_of_peak": round(achieved / peak, 4),
         "machine": machine(),
-    }
-
-
-def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.engines.broker import EmbeddedBroker
-    from corpusfactory.tools.demo import run_pipeline
-
-    with tempfile.TemporaryDirectory(prefix="cf-bench-") as tmp:
-        s = load_settings(args.config, overrides={"state_dir": tmp})
-        broker = None
-        if not s.kafka.bootstrap_servers:
-            broker = EmbeddedBroker(Path(tmp))
-            broker.start()
-        try:
-            result = run_pipeline(s, args.conversations)
-        finally:
-            if broker is not None:
-                broker.stop()
-    p = result["producer"]
-    wall = p["wall_s"]
-    decided = sum(p["decisions"].values())
-    n = max(decided, 1)
-    busy = {"generate": p["generate_s"], **p["stage_s"]}
-    per_turn = {k: v / n for k, v in busy.items()}
-    # what a turn's round trip spent outside the worker stages: Kafka transport,
-    # batching windows, queueing behind other turns
-    roundtrip = p["roundtrip_s"] / n
-    per_turn["kafka_and_queueing"] = max(
-        0.0, roundtrip - sum(per_turn.get(k, 0.0) for k in ("embed", "score", "admit"))
-    )
-    total_busy = sum(busy.values())
-    return {
-        "benchmark": "pipeline",
-        "conversations": args.conversations,
-        "decided_turns": decided,
-        "decisions": p["decisions"],
-        "wall_s": round(wall, 2),
-        "decided_turns_per_s": round(decided / wall, 3),
-        "per_turn_s": {k: round(v, 4) for k, v in per_turn.items()},
-        "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
-        "busy_share": {k: round(v / total_busy, 4) for k, v in busy.items()},
-        "mean_roundtrip_s": round(roundtrip, 3),
-        "startup_s": result["timing_s"],
-        "machine": machine(),
-        "note": "producer, scorer and admitter are separate processes sharing the cores: "
-        "stage times overlap, so busy_share is a share of the summed busy time, not of wall",
     }
 
 
@@ -232,6 +182,8 @@ def bench_generators(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from corpusfactory.tools.bench_pipeline import bench_pipeline
+
     fn = {
         "generators": bench_generators,
         "scorer": bench_scorer,
