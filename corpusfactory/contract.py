@@ -125,6 +125,7 @@ class DecisionLogRow:
     judge_threshold: float | None = None
     judge: str = ""
     text_sha: str | None = None  # xxh64 of the decided text; None in rows from before
+    nll_lower_bound: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -254,6 +255,9 @@ class ScoredTurn(_Record):
     judge_on_unparsed: str = "reject"
     judge: str = ""  # the judge generator's id
     judge_output: str = ""  # the start of the judge's raw output, for audit
+    # admission.nll_early_stop: scoring stopped once the turn was certainly at or over
+    # the threshold, so nll is a lower bound of its NLL (the decision is exact).
+    nll_lower_bound: bool = False
 
 
 class Decision(_Record):
@@ -284,6 +288,7 @@ class Decision(_Record):
     judge: str = ""
     # The candidate's source (selfchat, fauno, ...): NLL by corpus in metrics and reports.
     source: str = ""
+    nll_lower_bound: bool = False  # nll is a lower bound (admission.nll_early_stop)
 
 
 class AcceptedTurn(_Record):

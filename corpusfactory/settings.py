@@ -169,6 +169,19 @@ class AdmissionSettings(_Section):
     admit_batch_size: int = Field(32, ge=1)
     batch_window_s: float = Field(0.2, gt=0.0)
     masked_batch_size: int = Field(128, ge=1, description="Masked copies per forward pass.")
+    scorer_precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="The scorer's arithmetic. auto: bfloat16 where the hardware multiplies "
+        "it natively (AVX512-BF16/AMX CPU, a bf16 GPU), else float32. int8 (CPU, dynamic "
+        "quantization of the linear layers) only when asked for: check its NLL "
+        "tolerance with `corpusfactory bench scorer` first.",
+    )
+    nll_early_stop: bool = Field(
+        False,
+        description="Stop scoring a turn once its running NLL sum proves it is at or over "
+        "the threshold: the decision is the same, the work is less, and the reported NLL "
+        "of such a turn is a lower bound (nll_lower_bound in the decision).",
+    )
 
 
 class GenerationSettings(_Section):

@@ -224,6 +224,7 @@ class Admitter:
                 judge_threshold=s.judge_threshold if s.judged else None,
                 judge=s.judge if s.judged else "",
                 text_sha=digests[i],
+                nll_lower_bound=s.nll_lower_bound,
             )
         if self.index is not None:
             self.index.check_log_rows(records)  # before any write: all or nothing
@@ -270,6 +271,7 @@ class Admitter:
                 judge_score=rec.judge_score,
                 judge_threshold=rec.judge_threshold,
                 judge=rec.judge,
+                nll_lower_bound=rec.nll_lower_bound,
                 source=s.candidate.source,
             )
         done = [o for o in out if o is not None]

@@ -26,7 +26,6 @@ from corpusfactory import contract
 from corpusfactory.contract import CandidateTurn, ScoredTurn
 from corpusfactory.engines.embedder import Embedder
 from corpusfactory.engines.language import LanguageCheck
-from corpusfactory.engines.models.registry import resolve_model
 from corpusfactory.engines.scoring.calibration import seed_nll_threshold
 from corpusfactory.engines.scoring.nll import MLMScorer
 from corpusfactory.seeds import load_seeds
@@ -51,13 +50,7 @@ class ScoringModels:
     def load(cls, settings: Settings) -> ScoringModels:
         adm = settings.admission
         models_dir = settings.models.models_dir
-        scorer = MLMScorer(
-            resolve_model(settings.models.scorer, models_dir),
-            device=settings.models.device,
-            max_tokens=adm.max_tokens,
-            masked_batch_size=adm.masked_batch_size,
-            granularity=adm.nll_granularity,
-        )
+        scorer = MLMScorer.from_settings(settings)
         embedder = Embedder(settings.models.embedder, device=settings.models.device)
         threshold = adm.nll_threshold
         if adm.nll_threshold_percentile is not None:
@@ -102,14 +95,17 @@ class ScoringModels:
         todo = [i for i, r in enumerate(reasons) if not r]
         nll = [NOT_SCORED] * len(turns)
         tokens = [0] * len(turns)
+        bound = [False] * len(turns)
+        stop = self.nll_threshold if adm.nll_early_stop else None
         t0 = time.perf_counter()
-        results = self.scorer.score([texts[i] for i in todo])
+        results = self.scorer.score([texts[i] for i in todo], stop_above=stop)
         t1 = time.perf_counter()
         for i, res in zip(todo, results, strict=True):
             tokens[i] = res.tokens
             reasons[i] = scored_precheck(tokens=res.tokens, too_long=res.too_long, nll=res.nll)
             if not reasons[i]:
                 nll[i] = float(res.nll)
+                bound[i] = res.lower_bound
         keep = [i for i, r in enumerate(reasons) if not r]
         vectors = self.embedder.encode([texts[i] for i in keep])
         t2 = time.perf_counter()
@@ -135,8 +131,9 @@ class ScoringModels:
                 nll=nll[i],
                 tokens=tokens[i],
                 embedder=self.embedder.id,
-                scorer=self.scorer.id,
+                scorer=self.scorer.label,
                 nll_threshold=self.nll_threshold,
+                nll_lower_bound=bound[i],
                 stage_s=stage_s,
                 scored_at=now,
                 **self._judge_fields(judged.get(i)),
@@ -174,7 +171,7 @@ def register(ctx: Any) -> None:
             log.info(
                 "scorer ready: embedder=%s scorer=%s judge=%s",
                 models.embedder.id,
-                models.scorer.id,
+                models.scorer.label,
                 models.judge.id if models.judge else "off",
             )
             async for events in stream.take_events(adm.score_batch_size, within=adm.batch_window_s):

@@ -112,7 +112,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from corpusfactory.engines.models.registry import resolve_model
     from corpusfactory.engines.scoring.nll import MLMScorer
 
     if args.text is not None:
@@ -126,13 +125,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise InputFileError(f"{args.file}: cannot read the texts to score: {exc}") from exc
     s = _settings(args)
-    scorer = MLMScorer(
-        resolve_model(args.model or s.models.scorer, s.models.models_dir),
-        device=s.models.device,
-        max_tokens=s.admission.max_tokens,
-        masked_batch_size=s.admission.masked_batch_size,
-        granularity=s.admission.nll_granularity,
-    )
+    scorer = MLMScorer.from_settings(s, model=args.model)
     results = scorer.score(lines)
     out = [
         {"text": t, "nll": None if r.too_long or r.tokens == 0 else r.nll, "tokens": r.tokens}

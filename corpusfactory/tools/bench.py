@@ -46,18 +46,11 @@ from corpusfactory.tools.bench_serve import bench_serve
 
 
 def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.engines.models.registry import resolve_model
     from corpusfactory.engines.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds
 
     s = load_settings(args.config)
-    scorer = MLMScorer(
-        resolve_model(s.models.scorer, s.models.models_dir),
-        device=s.models.device,
-        max_tokens=s.admission.max_tokens,
-        masked_batch_size=s.admission.masked_batch_size,
-        granularity=s.admission.nll_granularity,
-    )
+    scorer = MLMScorer.from_settings(s)
     texts = [m.text for c in load_seeds(s.producer.seed_file) for m in c.messages]
     texts = (texts * (args.messages // len(texts) + 1))[: args.messages]
     scorer.score(texts[:8])  # warm-up

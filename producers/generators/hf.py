@@ -20,25 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from corpusfactory.engines.causal_lm import load_causal_lm
+from corpusfactory.engines.hardware import cpu_has_native_bf16
 from corpusfactory.errors import GeneratorError
 from corpusfactory.settings import GenerationSettings
 from corpusfactory.text import cut_at_stop
 from producers.generators.base import derive_seed
 
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def saved_dtype(path: Path) -> str | None:

@@ -44,9 +44,9 @@ class ScriptedJudgeGenerator:
 class FakeScorer:
     """TEST DOUBLE of the MLM scorer: NLL 1.0, or 9.0 for a text containing "BAD"."""
 
-    id = "fake:scorer"
+    id = label = "fake:scorer"
 
-    def score(self, texts: Sequence[str]) -> list[NLLResult]:
+    def score(self, texts: Sequence[str], stop_above: float | None = None) -> list[NLLResult]:
         return [NLLResult(9.0 if "BAD" in t else 1.0, len(t.split()), False) for t in texts]
 
 

@@ -196,3 +196,48 @@ def test_bad_model_and_arguments(tmp_path: Path, demo_models: DemoModels) -> Non
         MLMScorer(demo_models.scorer, masked_batch_size=0)
     with pytest.raises(ValueError):
         MLMScorer(demo_models.scorer, granularity="word")  # type: ignore[arg-type]
+
+
+def test_early_stop_gives_the_same_decisions_and_lower_bounds(scorer: MLMScorer) -> None:
+    seeds = [m.text for c in load_seeds(None) for m in c.messages][:48]
+    full = scorer.score(seeds)
+    values = sorted(r.nll for r in full if r.tokens)
+    # A bar in the middle (none exactly on it), and one far below every text.
+    k = len(values) // 2
+    for threshold in ((values[k] + values[k + 1]) / 2, 0.5 * values[0]):
+        early = scorer.score(seeds, stop_above=threshold)
+        stopped = 0
+        for f, e in zip(full, early, strict=True):
+            assert e.tokens == f.tokens
+            # The decision (reject when nll >= threshold) is the same either way.
+            assert (e.nll >= threshold) == (f.nll >= threshold), (threshold, e, f)
+            if e.lower_bound:
+                stopped += 1
+                assert e.nll <= f.nll + 1e-5 and f.nll >= threshold
+            else:
+                assert e.nll == pytest.approx(f.nll, abs=1e-5)  # other batches: float noise
+        if threshold < values[0]:
+            assert stopped == sum(1 for r in full if r.tokens)  # all stopped early
+    assert not any(r.lower_bound for r in scorer.score(seeds))
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("bfloat16", 0.25), ("int8", 0.25)])
+def test_lower_precisions_stay_close_to_float32(
+    demo_models: DemoModels, scorer: MLMScorer, precision: str, tolerance: float
+) -> None:
+    low = MLMScorer(demo_models.scorer, masked_batch_size=128, precision=precision)
+    assert low.precision == precision and low.label.endswith(f"@{precision}")
+    ref = scorer.score(TEXTS)
+    got = low.score(TEXTS)
+    for r, g in zip(ref, got, strict=True):
+        if r.tokens:
+            assert abs(g.nll - r.nll) <= tolerance * max(1.0, r.nll), (precision, r, g)
+
+
+def test_auto_precision_follows_the_hardware(demo_models: DemoModels) -> None:
+    from corpusfactory.engines.hardware import cpu_has_native_bf16
+
+    auto = MLMScorer(demo_models.scorer, precision="auto")
+    assert auto.precision == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    with pytest.raises(ModelError, match="unknown scorer precision"):
+        MLMScorer(demo_models.scorer, precision="float8")

@@ -280,14 +280,7 @@ class Evaluator:
             seed=self.e.seed,
         )
         if self._scorer is None:
-            a = self.s.admission
-            self._scorer = MLMScorer(
-                resolve_model(self.s.models.scorer, self.s.models.models_dir),
-                device=self.e.device,
-                max_tokens=a.max_tokens,
-                masked_batch_size=a.masked_batch_size,
-                granularity=a.nll_granularity,
-            )
+            self._scorer = MLMScorer.from_settings(self.s, device=self.e.device)
         scored = [(s, o) for s, o in zip(seeds, outputs, strict=True) if o.strip()]
         results = self._scorer.score([o for _, o in scored]) if scored else []
         rows = [

@@ -38,7 +38,13 @@ def calibration_dir() -> Path:
 
 def calibration_key(scorer: MLMScorer, texts: Sequence[str]) -> str:
     h = hashlib.sha256()
-    parts: list[str] = [scorer.id, str(scorer.device), scorer.granularity, str(scorer.max_tokens)]
+    parts: list[str] = [
+        scorer.id,
+        str(scorer.device),
+        scorer.granularity,
+        str(scorer.max_tokens),
+        *([] if scorer.precision == "float32" else [scorer.precision]),
+    ]
     model_dir = Path(scorer.id)
     if model_dir.is_dir():
         for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):

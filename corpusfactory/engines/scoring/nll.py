@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from corpusfactory.engines.hardware import fastest_precision
 from corpusfactory.errors import ModelError
+from corpusfactory.settings import Settings
 from corpusfactory.text import split_sentences
 
 Granularity = Literal["message", "sentence"]
@@ -49,6 +51,7 @@ class NLLResult:
     nll: float
     tokens: int
     too_long: bool
+    lower_bound: bool = False  # scoring stopped early (``stop_above``): the mean so far
 
 
 def _mlm_head(model: nn.Module) -> nn.Module | None:
@@ -129,6 +132,7 @@ class MLMScorer:
         max_tokens: int = 510,
         masked_batch_size: int = 128,
         granularity: Granularity = "message",
+        precision: str = "float32",
     ) -> None:
         if masked_batch_size < 1:
             raise ValueError("masked_batch_size must be at least 1")
@@ -146,6 +150,10 @@ class MLMScorer:
         self.masked_batch_size = masked_batch_size
         self.granularity: Granularity = granularity
         self.tokenizer, self.model = load_mlm(name, self.device)
+        if precision == "auto":
+            precision = fastest_precision(str(self.device))
+        self.precision = precision
+        self.model = _with_precision(self.model, precision, self.device)
         self._head = _mlm_head(self.model)
         self._encoder: Any = self.model.base_model if self._head is not None else None
         specials = self.tokenizer.num_special_tokens_to_add(pair=False)
@@ -160,10 +168,42 @@ class MLMScorer:
 
     # -- public -----------------------------------------------------------------
 
-    def score(self, texts: Sequence[str]) -> list[NLLResult]:
-        """Score each text; results in the order of ``texts``."""
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, model: str | None = None, device: str | None = None
+    ) -> MLMScorer:
+        """The scorer the settings describe (``models.scorer``, ``admission.*``):
+        the one the scorer worker, the report, evaluation and the benchmarks use."""
+        from corpusfactory.engines.models.registry import resolve_model
+
+        adm = settings.admission
+        return cls(
+            resolve_model(model or settings.models.scorer, settings.models.models_dir),
+            device=device or settings.models.device,
+            max_tokens=adm.max_tokens,
+            masked_batch_size=adm.masked_batch_size,
+            granularity=adm.nll_granularity,
+            precision=adm.scorer_precision,
+        )
+
+    @property
+    def label(self) -> str:
+        """The scorer as decisions name it: its model, and its precision unless float32."""
+        return self.id if self.precision == "float32" else f"{self.id}@{self.precision}"
+
+    def score(self, texts: Sequence[str], stop_above: float | None = None) -> list[NLLResult]:
+        """Score each text; results in the order of ``texts``.
+
+        ``stop_above`` (message granularity only; ignored per sentence, where one
+        sentence over the bar says nothing of the text's mean): a text's positions are
+        scored in ``EARLY_STOP_ROUNDS`` rounds, and a text whose NLL sum reaches
+        ``stop_above`` times its token count is not scored further. Every term is
+        non-negative, so its mean is then certainly at or above ``stop_above``; it is
+        returned with ``lower_bound=True`` and the mean over all its tokens of the sum
+        so far, a lower bound of its NLL.
+        """
         if self.granularity == "message":
-            return self._score_units(list(texts))
+            return self._score_units(list(texts), stop_above)
         pieces: list[list[str]] = [split_sentences(t) for t in texts]
         flat = [s for p in pieces for s in p]
         scored = self._score_units(flat)
@@ -215,7 +255,7 @@ class MLMScorer:
         return units
 
     @torch.inference_mode()
-    def _score_units(self, texts: list[str]) -> list[NLLResult]:
+    def _score_units(self, texts: list[str], stop_above: float | None = None) -> list[NLLResult]:
         units = self._tokenize(texts)
         results: list[NLLResult | None] = [None] * len(units)
         todo: list[int] = []
@@ -229,18 +269,32 @@ class MLMScorer:
                 todo.append(i)
         # Longest first, so each batch holds copies of similar length (little padding).
         todo.sort(key=lambda i: -len(units[i].ids))
-        copies = [(i, p) for i in todo for p in units[i].positions]
         sums = dict.fromkeys(todo, 0.0)
+        rounds = 1 if stop_above is None else EARLY_STOP_ROUNDS
+        live = list(todo)
+        stopped: set[int] = set()
+        for r in range(rounds):
+            copies = [(i, p) for i in live for p in _share(units[i].positions, r, rounds)]
+            self._run_copies(units, copies, sums)
+            if stop_above is not None and r < rounds - 1:
+                over = {i for i in live if sums[i] >= stop_above * len(units[i].positions)}
+                stopped |= over
+                live = [i for i in live if i not in over]
+        for i in todo:
+            n = len(units[i].positions)
+            results[i] = NLLResult(sums[i] / n, n, False, lower_bound=i in stopped)
+        return cast(list[NLLResult], results)  # every slot is filled above
+
+    def _run_copies(
+        self, units: list[_Unit], copies: list[tuple[int, int]], sums: dict[int, float]
+    ) -> None:
+        """Add each masked copy's NLL to its text's sum, ``masked_batch_size`` at a time."""
         bs = self.masked_batch_size
         for start in range(0, len(copies), bs):
             batch = copies[start : start + bs]
             nll = self._run_batch([units[i].ids for i, _ in batch], [p for _, p in batch])
             for (i, _), value in zip(batch, nll.tolist(), strict=True):
                 sums[i] += value
-        for i in todo:
-            n = len(units[i].positions)
-            results[i] = NLLResult(sums[i] / n, n, False)
-        return cast(list[NLLResult], results)  # every slot is filled above
 
     def _run_batch(self, seqs: list[list[int]], positions: list[int]) -> torch.Tensor:
         """-log p(true token) at the masked position of each copy, as float64."""
@@ -269,6 +323,32 @@ class MLMScorer:
         logp = torch.log_softmax(logits.float(), dim=-1)
         picked = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
         return (-picked).double().cpu()
+
+
+EARLY_STOP_ROUNDS = 8  # a text's positions are scored in this many rounds with stop_above
+
+
+def _share(positions: list[int], r: int, rounds: int) -> list[int]:
+    """Round ``r`` of ``rounds`` of ``positions``: every ``rounds``-th one from ``r``,
+    so each round covers the whole text (the start of a message is not all scored
+    before its end)."""
+    return positions[r::rounds]
+
+
+def _with_precision(model: Any, precision: str, device: torch.device) -> Any:
+    """``model`` in ``precision``: float32 as loaded, bfloat16 weights, or int8 dynamic
+    quantization of every linear layer (CPU only; activations quantized per batch)."""
+    if precision == "float32":
+        return model
+    if precision == "bfloat16":
+        return model.to(torch.bfloat16)
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ModelError("scorer precision int8 runs on the CPU only; use bfloat16 on a GPU")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    raise ModelError(f"unknown scorer precision {precision!r}: float32, bfloat16 or int8")
 
 
 def load_mlm(name: str, device: torch.device | str = "cpu") -> tuple[Any, Any]:

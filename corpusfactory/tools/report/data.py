@@ -137,24 +137,16 @@ def common_threshold(decisions: Iterable[dict[str, Any]], key: str) -> float | N
 
 def seed_nll(settings: Settings) -> list[float]:
     """NLL of every distinct seed message, scored as the scorer worker scores turns."""
-    from corpusfactory.engines.models.registry import resolve_model
     from corpusfactory.engines.scoring.nll import MLMScorer
     from corpusfactory.seeds import load_seeds, seed_messages
 
-    adm = settings.admission
     texts = [
         text
         for _, text in seed_messages(
             load_seeds(settings.producer.seed_file, settings.producer.seed_format)
         )
     ]
-    scorer = MLMScorer(
-        resolve_model(settings.models.scorer, settings.models.models_dir),
-        device=settings.models.device,
-        max_tokens=adm.max_tokens,
-        masked_batch_size=adm.masked_batch_size,
-        granularity=adm.nll_granularity,
-    )
+    scorer = MLMScorer.from_settings(settings)
     # Too long or empty messages get no score; the worker rejects such turns unscored.
     # The scores are cached per scorer and seed set (corpusfactory.engines.scoring.calibration).
     from corpusfactory.engines.scoring.calibration import seed_nll_values
