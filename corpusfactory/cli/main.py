@@ -337,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--conversations", type=int, default=12, help="pipeline: conversations")
     p.add_argument("--messages", type=int, default=256, help="scorer: messages to score")
+    p.add_argument(
+        "--size",
+        choices=["settings", "base"],
+        default="settings",
+        help="scorer: the settings' model, or a random BERT-base (timing only)",
+    )
+    p.add_argument(
+        "--precisions", default="float32,bfloat16,int8", help="scorer: precisions, comma-separated"
+    )
+    p.add_argument(
+        "--reference", type=int, default=16, help="scorer: messages for the plain float32 ways"
+    )
+    p.add_argument(
+        "--texts", help="scorer: a `corpus export` file whose turns are decided (default: seeds)"
+    )
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps")
     p.add_argument("--seq-len", type=int, help="train: sequence length (default: settings)")
     p.add_argument("--micro-batch", type=int, help="train: micro-batch size (default: settings)")

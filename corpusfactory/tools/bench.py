@@ -1,8 +1,8 @@
 """``corpusfactory bench``: measured figures, printed (and optionally saved) as JSON.
 
-* ``bench scorer``: messages/s of the MLM NLL scorer on the seed messages, its
-  achieved GFLOP/s (useful FLOPs, see ``scoring.nll.flops_per_masked_copy``),
-  next to this machine's measured float32 matrix-multiply peak.
+* ``bench scorer``: the MLM NLL scorer in each precision against the measured peak of
+  that precision, and against the plain ways of scoring
+  (:mod:`corpusfactory.tools.bench_scorer`).
 * ``bench pipeline``: each stage alone, then the whole stack, and the pipeline's
   efficiency against its slowest stage (:mod:`corpusfactory.tools.bench_pipeline`).
 
@@ -43,38 +43,6 @@ from corpusfactory.errors import UsageError
 from corpusfactory.settings import load_settings
 from corpusfactory.tools.bench_machine import machine, matmul_peak_gflops
 from corpusfactory.tools.bench_serve import bench_serve
-
-
-def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
-    from corpusfactory.engines.scoring.nll import MLMScorer
-    from corpusfactory.seeds import load_seeds
-
-    s = load_settings(args.config)
-    scorer = MLMScorer.from_settings(s)
-    texts = [m.text for c in load_seeds(s.producer.seed_file) for m in c.messages]
-    texts = (texts * (args.messages // len(texts) + 1))[: args.messages]
-    scorer.score(texts[:8])  # warm-up
-    t = time.perf_counter()
-    results = scorer.score(texts)
-    dt = time.perf_counter() - t
-    tokens = [r.tokens for r in results]
-    flops = scorer.estimate_flops(tokens)
-    peak = matmul_peak_gflops()
-    achieved = flops / dt / 1e9
-    return {
-        "benchmark": "scorer",
-        "model": scorer.id,
-        "messages": len(texts),
-        "mean_tokens": sum(tokens) / len(tokens),
-        "masked_batch_size": s.admission.masked_batch_size,
-        "seconds": round(dt, 3),
-        "messages_per_s": round(len(texts) / dt, 2),
-        "scored_tokens_per_s": round(sum(tokens) / dt, 1),
-        "achieved_gflops": round(achieved, 2),
-        "matmul_peak_gflops": round(peak, 2),
-        "fraction_of_peak": round(achieved / peak, 4),
-        "machine": machine(),
-    }
 
 
 def train_flops_per_token(config: Any, n_params: int, seq_len: int) -> float:
@@ -176,6 +144,7 @@ def bench_generators(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from corpusfactory.tools.bench_pipeline import bench_pipeline
+    from corpusfactory.tools.bench_scorer import bench_scorer
 
     fn = {
         "generators": bench_generators,
