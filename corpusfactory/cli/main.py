@@ -361,11 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve: the Hugging Face model directory (default: the demo generator)",
     )
     p.add_argument(
+        "--gguf",
+        help="serve: measure this GGUF file as it is (a .gguf path, or a model name such as "
+        "gemma3-270m resolved as a GGUF): no conversion, quantization or transformers baseline",
+    )
+    p.add_argument(
         "--quants", default="F16,Q8_0,Q4_K_M", help="serve: GGUF builds, comma-separated"
     )
     p.add_argument("--prompt-tokens", type=int, default=256, help="serve: prompt length")
     p.add_argument("--decode-tokens", type=int, default=128, help="serve: tokens decoded")
     p.add_argument("--repeats", type=int, default=3, help="serve: runs of each, best kept")
+    p.add_argument(
+        "--decode-batches",
+        default="1,4,8",
+        help="serve: batched decode, sequences decoded together, comma-separated (empty: none)",
+    )
     p.add_argument(
         "--backends",
         default="llamacpp,transformers-float32,transformers-bfloat16",
@@ -379,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generators, pipeline: turns per conversation (pipeline: in the stages-alone run)",
     )
     p.add_argument(
-        "--threads", type=int, help="generators: llama.cpp and torch threads (default: cores)"
+        "--threads",
+        type=int,
+        help="generators: llama.cpp and torch threads; serve: llama.cpp threads, and those of "
+        "the bandwidth measurement (default: cores)",
     )
     return parser
 

@@ -13,14 +13,17 @@
   this machine's measured matrix-multiply peak in the training precision.
 
 * ``bench serve``: a model (default the demo generator) converted to an F16 GGUF and
-  quantized (default F16, Q8_0, Q4_K_M) in a temporary directory; for each build,
-  measured with llama-cpp-python directly (no HTTP): prompt processing tokens/s (one
-  evaluation of a prompt of N tokens, best of the repeats) and greedy decode tokens/s
-  (one token per step after that prompt, all the machine's cores), next to the
-  transformers full-precision baseline (float32 on CPU). Each is set against the
-  memory-bandwidth bound of decoding, ``bandwidth / weight bytes per token`` (a decode
-  step reads every weight once), with this machine's copy bandwidth measured here
-  (``bench_serve``).
+  quantized (default F16, Q8_0, Q4_K_M) in a temporary directory, next to the
+  transformers full-precision baseline (float32 on CPU); or, with ``--gguf`` (a model
+  name resolved as a GGUF, e.g. ``gemma3-270m``, or a ``.gguf`` path), one GGUF file as
+  it is. For each llama.cpp build, measured with llama-cpp-python directly (no HTTP):
+  prompt processing tokens/s (one evaluation of a prompt of N tokens, best of the
+  repeats), greedy decode tokens/s of one sequence, and aggregate decode tokens/s of B
+  sequences decoded together by the producer's llama.cpp generator
+  (``--decode-batches``). Each is set against the memory-bandwidth bound of decoding,
+  ``read bandwidth / weight bytes per token`` (a decode step reads every weight once; B
+  times that for B sequences), with this machine's read bandwidth measured here on
+  llama.cpp's thread count (``bench_serve``); the copy bandwidth's bound is reported too.
 
 This machine's figures (matrix-multiply peak, memory bandwidth) are measured by
 ``bench_machine``.
