@@ -76,7 +76,7 @@ def _plant(clone: Path, marker: str) -> None:
     """Mark a checkout's code: a module constant and the CLI's program name."""
     init = clone / "corpusfactory" / "__init__.py"
     init.write_text(init.read_text() + f"\nCHECKOUT_MARKER = {marker!r}\n")
-    cli = clone / "corpusfactory" / "cli.py"
+    cli = clone / "corpusfactory" / "cli" / "main.py"
     text = cli.read_text()
     assert text.count('prog="corpusfactory",') == 1
     cli.write_text(text.replace('prog="corpusfactory",', f'prog="corpusfactory-{marker}",'))

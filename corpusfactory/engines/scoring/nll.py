@@ -27,6 +27,7 @@ other than the one admitted). An empty text (0 tokens) has ``nll=nan`` and
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,9 +346,15 @@ def _with_precision(model: Any, precision: str, device: torch.device) -> Any:
     if precision == "int8":
         if device.type != "cpu":
             raise ModelError("scorer precision int8 runs on the CPU only; use bfloat16 on a GPU")
-        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():
+            # torch announces the move of eager quantization to torchao (not a
+            # dependency here) and the end of its quantized tensor types; the dynamic
+            # int8 linear layer still runs on them in the locked torch.
+            warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated")
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     raise ModelError(f"unknown scorer precision {precision!r}: float32, bfloat16 or int8")
 
 
