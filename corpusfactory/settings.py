@@ -237,6 +237,13 @@ class ProducerSettings(_Section):
     llamacpp_threads: int | None = Field(
         None, ge=1, description="llamacpp backend: CPU threads (default: the usable cores)."
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="transformers backend: torch's CPU threads in the producer process "
+        "(0: torch's default, every core). The producer shares the cores with the "
+        "workers; fewer threads each avoids oversubscribing them (bench pipeline).",
+    )
     llamacpp_n_ctx: int = Field(
         2048,
         ge=64,
@@ -284,6 +291,12 @@ class WorkerSettings(_Section):
         description="A worker killed without leaving its group loses its partitions after this.",
     )
     heartbeat_interval_s: float = Field(2.0, gt=0.0, le=60.0)
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch's CPU threads in each worker process (scorer, admitter); 0: "
+        "torch's default, every core. Workers and the producer share the cores.",
+    )
     shutdown_timeout_s: float = Field(
         10.0,
         gt=0.0,

@@ -204,6 +204,10 @@ def run_worker(
 ) -> None:
     """Build the app of ``role`` and run it until SIGTERM/SIGINT (the command line has
     found Kafka, created the topics and serves the metrics: ``cli.common.run_service``)."""
+    if settings.worker.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker.torch_threads)
     app = create_app(settings, role, bootstrap, metrics)
     worker = BoundedShutdownWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.shutdown_deadline_s = settings.worker.shutdown_timeout_s

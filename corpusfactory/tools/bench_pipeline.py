@@ -128,9 +128,17 @@ def _admit_alone(settings: Settings, scored: list[Any]) -> dict[str, Any]:
 
 
 def stages_alone(settings: Settings, conversations: int, rounds: int) -> dict[str, Any]:
-    """Turns/s of each stage alone (see the module docstring)."""
+    """Turns/s of each stage alone (see the module docstring): every stage with torch's
+    default threads (every core), whatever the settings give each process."""
+    import torch
+
+    cores = torch.get_num_threads()
+    settings = settings.model_copy(deep=True)
+    settings.producer.torch_threads = 0
     gen = _self_chat_turns(settings, conversations, rounds)
+    torch.set_num_threads(cores)
     score = _score_alone(settings, gen["candidates"])
+    torch.set_num_threads(cores)
     admit = _admit_alone(settings, score["scored"])
     out: dict[str, Any] = {}
     for name, r in (("generate", gen), ("score", score), ("admit", admit)):

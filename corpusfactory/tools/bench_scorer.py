@@ -161,6 +161,9 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
         nll_by: dict[str, list[float]] = {}
         scorers: dict[str, Any] = {}
         peaks: dict[str, float] = {}
+        # The useful FLOPs of the texts, from the float32 model: a quantized linear layer
+        # holds packed weights, not parameters, so it cannot be counted from itself.
+        counter = MLMScorer(model_dir, device=s.models.device, max_tokens=adm.max_tokens)
         for precision in precisions:
             resolved = _auto(s.models.device) if precision == "auto" else precision
             peaks[resolved] = peak_gflops(resolved)
@@ -186,7 +189,7 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
             results = scorer.score(texts)
             dt = time.perf_counter() - t
             tokens = [r.tokens for r in results]
-            achieved = scorer.estimate_flops(tokens) / dt / 1e9
+            achieved = counter.estimate_flops(tokens) / dt / 1e9
             peak = peaks[scorer.precision]
             runs[scorer.precision] = {
                 "messages_per_s": round(len(texts) / dt, 2),

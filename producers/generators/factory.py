@@ -52,6 +52,10 @@ def make_generator(settings: ProducerSettings, model: str, device: str) -> Gener
     if backend == "transformers":
         from producers.generators.hf import HFGenerator
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)  # this process's torch
         return HFGenerator(model, device=device, dtype=settings.dtype)
     if backend == "llamacpp":
         from producers.generators.llamacpp import LlamaCppGenerator
