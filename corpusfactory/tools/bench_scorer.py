@@ -226,6 +226,7 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
         else:
             plain = {}
         flips = _flips(s, scorers, args) if size == "settings" and ref is not None else None
+        early = _early_stop(s, ref, texts) if size == "settings" and ref is not None else None
     return {
         "benchmark": "scorer",
         "size": size,
@@ -236,6 +237,7 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
         "precisions": runs,
         "float32_plain_ways": plain,
         "decision_flips": flips,
+        "early_stop": early,
         "machine": machine(),
     }
 
@@ -265,6 +267,31 @@ def _plain_ways(scorer: Any, texts: list[str], direct_nll: Any) -> dict[str, Any
         "minicons_max_abs_diff_vs_definition": round(
             max(abs(a - b) for a, b in zip(mini, direct, strict=True) if math.isfinite(b)), 6
         ),
+    }
+
+
+def _early_stop(settings: Settings, scorer: Any, texts: list[str]) -> dict[str, Any]:
+    """Float32 messages/s on ``texts`` with and without ``admission.nll_early_stop``
+    at the seed threshold, best of 2 each, and the share of texts stopped early."""
+    seeds = _texts(settings, None)
+    threshold = _threshold(settings, [r.nll for r in scorer.score(seeds)])
+    best: dict[str, float] = {}
+    stopped = over = 0
+    for _ in range(2):
+        for mode, stop in (("full", None), ("early_stop", threshold)):
+            t = time.perf_counter()
+            results = scorer.score(texts, stop_above=stop)
+            best[mode] = max(best.get(mode, 0.0), len(texts) / (time.perf_counter() - t))
+            if stop is not None:
+                stopped = sum(r.lower_bound for r in results)
+                over = sum(1 for r in results if r.tokens and r.nll >= threshold)
+    return {
+        "threshold": round(threshold, 4),
+        "texts": len(texts),
+        "rejected_on_nll": over,
+        "stopped_early": stopped,
+        "messages_per_s": {k: round(v, 2) for k, v in best.items()},
+        "speedup": round(best["early_stop"] / best["full"], 3),
     }
 
 

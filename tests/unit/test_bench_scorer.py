@@ -64,3 +64,6 @@ def test_every_precision_is_timed_against_its_peak_and_decisions_are_compared(
     assert flips["texts"] == 2 and flips["source"] == str(export)
     assert flips["float32"]["flips_vs_float32"] == 0
     assert 0 <= flips["int8"]["flips_vs_float32"] <= 2
+    early = result["early_stop"]
+    assert early["texts"] == 12 and 0 <= early["stopped_early"] <= early["rejected_on_nll"]
+    assert positive(early["messages_per_s"]["full"]) and positive(early["speedup"])
