@@ -39,7 +39,7 @@ from corpusfactory.errors import (
 )
 from corpusfactory.redact import redact_uri
 from corpusfactory.settings import Settings
-from streams.decisions import Candidate, Nearest, decide_batch
+from streams.decisions import Candidate, Neighbour, decide_batch
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,8 @@ class Admitter:
                 fresh.append(i)
         cands = [Candidate.from_scored(refs[i], scored[i]) for i in fresh]
         live_c = [j for j, c in enumerate(cands) if not c.precheck]
-        nearest: list[Nearest | None] = [None] * len(cands)
-        reserved: list[Nearest | None] = [None] * len(cands)
+        nearest: list[Neighbour | None] = [None] * len(cands)
+        reserved: list[Neighbour | None] = [None] * len(cands)
         already: set[str] = set()
         adm = self.settings.admission
         if live_c:
@@ -198,10 +198,10 @@ class Admitter:
             vecs = np.stack([cands[j].vector for j in live_c])
             found = self.index.search(vecs, exclude=live_refs)
             for j, nb in zip(live_c, found, strict=True):
-                nearest[j] = Nearest(nb.ref, nb.similarity) if nb else None
+                nearest[j] = nb
             if adm.decontaminate:
                 for j, nb in zip(live_c, self.index.search(vecs, reserved=True), strict=True):
-                    reserved[j] = Nearest(nb.ref, nb.similarity) if nb else None
+                    reserved[j] = nb
             already = self.index.existing(live_refs)
         sim_threshold = adm.similarity_threshold
         verdicts = decide_batch(

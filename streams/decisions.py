@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from corpusfactory.contract import Reason, ScoredTurn
+from corpusfactory.engines.index import Neighbour
 from streams.judge import OnUnparsed, judge_decision
 
 
@@ -56,12 +57,6 @@ class Candidate:
             judge_threshold=scored.judge_threshold,
             judge_on_unparsed="accept" if scored.judge_on_unparsed == "accept" else "reject",
         )
-
-
-@dataclass(frozen=True)
-class Nearest:
-    ref: str
-    similarity: float
 
 
 @dataclass(frozen=True)
@@ -102,9 +97,9 @@ def scored_precheck(*, tokens: int, too_long: bool, nll: float) -> str:
 
 def decide(
     cand: Candidate,
-    nearest: Nearest | None,
+    nearest: Neighbour | None,
     similarity_threshold: float,
-    reserved: Nearest | None = None,
+    reserved: Neighbour | None = None,
     contamination_threshold: float = 1.0,
 ) -> tuple[bool, str]:
     """(accepted, reason) for one turn given its nearest stored neighbour and its nearest
@@ -128,10 +123,10 @@ def decide(
 
 def decide_batch(
     cands: Sequence[Candidate],
-    nearest: Sequence[Nearest | None],
+    nearest: Sequence[Neighbour | None],
     already_accepted: set[str],
     similarity_threshold: float,
-    reserved: Sequence[Nearest | None] | None = None,
+    reserved: Sequence[Neighbour | None] | None = None,
     contamination_threshold: float = 1.0,
 ) -> list[Verdict]:
     """Decide a batch in order, as one writer would, one turn after another.
@@ -176,7 +171,7 @@ def decide_batch(
             sims = np.stack(batch_vecs) @ cand.vector
             j = int(np.argmax(sims))
             if best is None or float(sims[j]) > best.similarity:
-                best = Nearest(batch_refs[j], float(sims[j]))
+                best = Neighbour(batch_refs[j], float(sims[j]))
         accepted, reason = decide(cand, best, similarity_threshold, res, contamination_threshold)
         shown = res if reason == Reason.CONTAMINATED else best
         verdict = Verdict(

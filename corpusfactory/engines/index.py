@@ -82,6 +82,9 @@ def pk_for(ref: str) -> int:
 
 @dataclass(frozen=True)
 class Neighbour:
+    """A stored vector near a query: its ref and cosine similarity (the index's search
+    result, and what the admission rules decide with)."""
+
     ref: str
     similarity: float
 

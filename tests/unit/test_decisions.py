@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from corpusfactory.contract import Reason
+from corpusfactory.engines.index import Neighbour
 from streams.decisions import (
     Candidate,
-    Nearest,
     decide,
     decide_batch,
     precheck,
@@ -38,11 +38,11 @@ def test_precheck_reasons_in_order() -> None:
 
 def test_decide_duplicate_before_quality_and_strict_threshold() -> None:
     c = cand("a", unit(1, 0), nll=5.0)
-    assert decide(c, Nearest("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
-    assert decide(c, Nearest("s", 0.5), 0.9) == (False, Reason.LOW_QUALITY)
+    assert decide(c, Neighbour("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
+    assert decide(c, Neighbour("s", 0.5), 0.9) == (False, Reason.LOW_QUALITY)
     good = cand("b", unit(1, 0), nll=1.99)
     # cosine must be strictly above the threshold to reject
-    assert decide(good, Nearest("s", 0.9), 0.9) == (True, Reason.ACCEPTED)
+    assert decide(good, Neighbour("s", 0.9), 0.9) == (True, Reason.ACCEPTED)
     assert decide(good, None, 0.9) == (True, Reason.ACCEPTED)
     assert decide(cand("c", unit(1, 0), nll=2.0), None, 0.9) == (False, Reason.LOW_QUALITY)
     assert decide(cand("d", unit(1, 0), nll=math.nan), None, 0.9) == (False, Reason.LOW_QUALITY)
@@ -70,14 +70,14 @@ def test_rejected_turn_is_not_a_neighbour_for_later_turns() -> None:
 def test_index_neighbour_beats_weaker_batch_neighbour() -> None:
     a = cand("a", unit(1, 0, 0))
     b = cand("b", unit(0.6, 0.8, 0))
-    verdicts = decide_batch([a, b], [None, Nearest("seed:x", 0.97)], set(), 0.9)
+    verdicts = decide_batch([a, b], [None, Neighbour("seed:x", 0.97)], set(), 0.9)
     assert verdicts[1].reason == Reason.DUPLICATE
     assert verdicts[1].neighbour == "seed:x"
 
 
 def test_replay_of_accepted_turn_is_accepted_again_without_write() -> None:
     a = cand("a", unit(1, 0))
-    verdicts = decide_batch([a], [Nearest("seed:y", 0.3)], {"a"}, 0.9)
+    verdicts = decide_batch([a], [Neighbour("seed:y", 0.3)], {"a"}, 0.9)
     assert verdicts[0].accepted and verdicts[0].replayed
     assert verdicts[0].neighbour == "seed:y"
 
@@ -109,15 +109,15 @@ def test_turns_to_write_are_the_accepted_not_replayed_ones() -> None:
 
 def test_contamination_comes_after_prechecks_and_before_duplicates() -> None:
     v = np.array([1.0, 0.0], dtype=np.float32)
-    close_eval = Nearest("eval:squad_it:q:1", 0.95)
-    far_eval = Nearest("eval:squad_it:q:2", 0.5)
-    dup = Nearest("turn-x", 0.99)
+    close_eval = Neighbour("eval:squad_it:q:1", 0.95)
+    far_eval = Neighbour("eval:squad_it:q:2", 0.5)
+    dup = Neighbour("turn-x", 0.99)
     assert decide(cand("a", v, pre="empty"), dup, 0.9, close_eval, 0.9) == (False, "empty")
     assert decide(cand("a", v), dup, 0.9, close_eval, 0.9) == (False, "contaminated")
     assert decide(cand("a", v), dup, 0.9, far_eval, 0.9) == (False, "duplicate")
     assert decide(cand("a", v), None, 0.9, far_eval, 0.9) == (True, "accepted")
     # exactly at the threshold is not "too close" (the rule is cosine > threshold)
-    assert decide(cand("a", v), None, 0.9, Nearest("e", 0.9), 0.9) == (True, "accepted")
+    assert decide(cand("a", v), None, 0.9, Neighbour("e", 0.9), 0.9) == (True, "accepted")
 
 
 def test_a_contaminated_turn_reports_the_evaluation_item_and_is_not_kept_in_the_batch() -> None:
@@ -127,7 +127,7 @@ def test_a_contaminated_turn_reports_the_evaluation_item_and_is_not_kept_in_the_
         [None, None],
         set(),
         0.9,
-        reserved=[Nearest("eval:ami2020:7", 0.97), None],
+        reserved=[Neighbour("eval:ami2020:7", 0.97), None],
         contamination_threshold=0.9,
     )
     assert [(x.reason, x.neighbour, x.similarity) for x in verdicts] == [
@@ -169,8 +169,8 @@ def test_the_judge_comes_last_after_every_other_filter() -> None:
     assert decide(low, None, 0.9) == (False, Reason.JUDGE_LOW)
     # every earlier filter wins over the judge's low score
     assert decide(judged("a", v, 1.0, nll=5.0), None, 0.9) == (False, Reason.LOW_QUALITY)
-    assert decide(low, Nearest("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
-    assert decide(low, None, 0.9, Nearest("eval:x", 0.95), 0.9) == (False, "contaminated")
+    assert decide(low, Neighbour("s", 0.95), 0.9) == (False, Reason.DUPLICATE)
+    assert decide(low, None, 0.9, Neighbour("eval:x", 0.95), 0.9) == (False, "contaminated")
     assert decide(replace(low, precheck=Reason.EMPTY), None, 0.9) == (False, Reason.EMPTY)
 
 
