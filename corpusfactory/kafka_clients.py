@@ -1,14 +1,18 @@
-"""Kafka client configuration and topic setup, from one ``KafkaSettings``.
+"""Kafka from one ``KafkaSettings``: the security settings, topic setup, and the
+kafka-python helpers every synchronous component uses.
 
-Three client libraries talk to Kafka in this project: aiokafka (async producers
-and consumers), kafka-python (admin and synchronous tools) and faust-streaming
-(the stream workers, on top of aiokafka). Each spells security settings
-differently; the builders here translate the one set of settings for each, so a
-SASL/SSL cluster is configured in a single place.
+Three client libraries talk to Kafka, each in one layer (``make check`` holds it):
+faust-streaming in the stream workers (:mod:`streams.faust_app`), aiokafka in the
+producers' channel (:mod:`producers.channel`), and kafka-python here, for the
+trainer, evaluator, builder, model follower, corpus writer and lag metrics
+(``consumer``, ``assign``, ``read_until``, ``announce``) and for admin
+(``ensure_topics``). Each library spells security settings differently; this module
+holds the one reading of them (``bootstrap_servers``, ``ssl_context``,
+``uses_ssl``, ``uses_sasl``, ``sasl_fields``) that the other two layers build on, so
+a SASL/SSL cluster is configured in a single place.
 
-``ensure_topics`` creates the contract topics on a cluster (where Kafka is, a
-configured cluster or the embedded broker, is ``corpusfactory.engines.broker``'s
-``resolve_bootstrap``).
+Where Kafka is (a configured cluster, or the embedded broker) is
+``corpusfactory.engines.broker``'s ``resolve_bootstrap``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
-import faust
-from aiokafka.helpers import create_ssl_context
-from faust.transport.drivers.aiokafka import Producer as FaustAIOKafkaProducer
-from faust.types import ProducerT
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -47,22 +47,23 @@ def bootstrap_servers(bootstrap: str) -> list[str]:
     return servers
 
 
-def _uses_ssl(kafka: KafkaSettings) -> bool:
+def uses_ssl(kafka: KafkaSettings) -> bool:
     return kafka.security_protocol in ("SSL", "SASL_SSL")
 
 
-def _uses_sasl(kafka: KafkaSettings) -> bool:
+def uses_sasl(kafka: KafkaSettings) -> bool:
     return kafka.security_protocol.startswith("SASL")
 
 
 def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
     """An SSL context from the configured CA, certificate and key files."""
     try:
-        # aiokafka's helper verifies the broker's hostname, as kafka-python does
-        # by default, so all three clients apply the same TLS checks.
-        return create_ssl_context(
-            cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
-        )
+        # Verifies the broker's certificate and hostname, as kafka-python does by
+        # default, so all three clients apply the same TLS checks.
+        context = ssl.create_default_context(cafile=kafka.ssl_cafile)
+        if kafka.ssl_certfile:
+            context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+        return context
     except (OSError, ssl.SSLError) as exc:
         files = f"ssl_cafile={kafka.ssl_cafile}, ssl_certfile={kafka.ssl_certfile}, " + (
             f"ssl_keyfile={kafka.ssl_keyfile}"
@@ -70,7 +71,7 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
         raise ConfigError([f"kafka: cannot load the SSL files ({files}): {exc}"]) from exc
 
 
-def _sasl_fields(kafka: KafkaSettings) -> dict[str, Any]:
+def sasl_fields(kafka: KafkaSettings) -> dict[str, Any]:
     # aiokafka and kafka-python share these names (also for SCRAM).
     return {
         "sasl_mechanism": kafka.sasl_mechanism,
@@ -79,27 +80,13 @@ def _sasl_fields(kafka: KafkaSettings) -> dict[str, Any]:
     }
 
 
-def aiokafka_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Keyword arguments for ``AIOKafkaProducer`` / ``AIOKafkaConsumer``."""
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": bootstrap_servers(bootstrap),
-        "security_protocol": kafka.security_protocol,
-    }
-    if _uses_ssl(kafka):
-        # aiokafka takes no file paths, only a ready SSL context.
-        kwargs["ssl_context"] = ssl_context(kafka)
-    if _uses_sasl(kafka):
-        kwargs.update(_sasl_fields(kafka))
-    return kwargs
-
-
 def kafka_python_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     """Keyword arguments for kafka-python's ``KafkaAdminClient``, producer and consumer."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(bootstrap),
         "security_protocol": kafka.security_protocol,
     }
-    if _uses_ssl(kafka):
+    if uses_ssl(kafka):
         # kafka-python rejects unknown keys, so only the files that are set go in.
         files = {
             "ssl_cafile": kafka.ssl_cafile,
@@ -107,8 +94,8 @@ def kafka_python_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
             "ssl_keyfile": kafka.ssl_keyfile,
         }
         kwargs.update({k: v for k, v in files.items() if v is not None})
-    if _uses_sasl(kafka):
-        kwargs.update(_sasl_fields(kafka))
+    if uses_sasl(kafka):
+        kwargs.update(sasl_fields(kafka))
     return kwargs
 
 
@@ -204,57 +191,6 @@ def announce(kafka: KafkaSettings, bootstrap: str, topic: str, key: str, value: 
         producer.flush(timeout=30)
     finally:
         producer.close()
-
-
-def faust_broker_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """``faust.App`` keyword arguments: ``broker`` and, when secured, ``broker_credentials``."""
-    kwargs: dict[str, Any] = {
-        "broker": ";".join(f"kafka://{server}" for server in bootstrap_servers(bootstrap))
-    }
-    credentials = _faust_credentials(kafka)
-    if credentials is not None:
-        kwargs["broker_credentials"] = credentials
-    return kwargs
-
-
-class _IdempotentFaustProducer(FaustAIOKafkaProducer):
-    """Faust's aiokafka producer with idempotence on.
-
-    faust-streaming has a setting for acks (``producer_acks``) but turns idempotence
-    on only for ``processing_guarantee="exactly_once"``, i.e. with transactions.
-    A worker's sends (scored turns, decisions, dead letters) are retried by aiokafka
-    when a partition leader fails over; idempotence keeps such a retry from writing
-    the record twice.
-    """
-
-    def _settings_extra(self) -> Mapping[str, Any]:
-        return {**super()._settings_extra(), "enable_idempotence": True}
-
-
-class ReliableFaustApp(faust.App):
-    """A ``faust.App`` whose producer uses idempotence; create it with
-    ``producer_acks=-1`` (acks=all), which idempotence requires."""
-
-    def _new_producer(self) -> ProducerT:
-        if self.transport.Producer is not FaustAIOKafkaProducer:
-            return super()._new_producer()  # another driver: left as it is
-        return _IdempotentFaustProducer(self.transport, loop=self.loop, beacon=self.beacon)
-
-
-def _faust_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | faust.SSLCredentials | None:
-    # Faust derives security_protocol from the credentials' class and whether an
-    # SSL context is attached: SASLCredentials + context means SASL_SSL.
-    context = ssl_context(kafka) if _uses_ssl(kafka) else None
-    if _uses_sasl(kafka):
-        return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password,
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=context,
-        )
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
 
 
 # --------------------------------------------------------------------------- topics

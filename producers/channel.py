@@ -34,8 +34,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from corpusfactory import contract
 from corpusfactory.contract import ContractError, Decision, encode
-from corpusfactory.kafka_clients import aiokafka_kwargs
-from corpusfactory.settings import ProducerSettings, Settings
+from corpusfactory.kafka_clients import (
+    bootstrap_servers,
+    sasl_fields,
+    ssl_context,
+    uses_sasl,
+    uses_ssl,
+)
+from corpusfactory.settings import KafkaSettings, ProducerSettings, Settings
 from producers.conversation import Conversation
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,20 @@ def stale(
     return [
         c for c in conversations if c.pending is not None and now - c.pending.created_at > timeout_s
     ]
+
+
+def aiokafka_kwargs(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaProducer`` / ``AIOKafkaConsumer``."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers(bootstrap),
+        "security_protocol": kafka.security_protocol,
+    }
+    if uses_ssl(kafka):
+        # aiokafka takes no file paths, only a ready SSL context.
+        kwargs["ssl_context"] = ssl_context(kafka)
+    if uses_sasl(kafka):
+        kwargs.update(sasl_fields(kafka))
+    return kwargs
 
 
 class TurnChannel:

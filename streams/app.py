@@ -30,9 +30,9 @@ import faust
 
 from corpusfactory import contract
 from corpusfactory.contract import DeadLetter, encode
-from corpusfactory.kafka_clients import ReliableFaustApp, faust_broker_kwargs
 from corpusfactory.metrics import AdmitterMetrics, ScorerMetrics
 from corpusfactory.settings import Settings
+from streams.faust_app import ReliableFaustApp, faust_broker_kwargs
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,10 @@ from corpusfactory.engines.broker import (
     resolve_bootstrap,
 )
 from corpusfactory.errors import BrokerError, ConfigError, JavaMissingError
-from corpusfactory.kafka_clients import (
-    aiokafka_kwargs,
-    ensure_topics,
-    faust_broker_kwargs,
-    kafka_python_kwargs,
-)
+from corpusfactory.kafka_clients import ensure_topics, kafka_python_kwargs
 from corpusfactory.settings import Settings, load_settings
+from producers.channel import aiokafka_kwargs
+from streams.faust_app import faust_broker_kwargs
 
 pytestmark = pytest.mark.integration
 
