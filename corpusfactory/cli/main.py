@@ -352,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--texts", help="scorer: a `corpus export` file whose turns are decided (default: seeds)"
     )
+    p.add_argument(
+        "--seed-messages",
+        type=int,
+        default=0,
+        help="scorer: seed messages the thresholds are computed from (default 0: all)",
+    )
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps")
     p.add_argument("--seq-len", type=int, help="train: sequence length (default: settings)")
     p.add_argument("--micro-batch", type=int, help="train: micro-batch size (default: settings)")

@@ -225,8 +225,11 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
             )
         else:
             plain = {}
-        flips = _flips(s, scorers, args) if size == "settings" and ref is not None else None
-        early = _early_stop(s, ref, texts) if size == "settings" and ref is not None else None
+        limit = int(getattr(args, "seed_messages", 0) or 0)
+        calibration = _texts(s, None)[: limit or None]
+        use = size == "settings" and ref is not None
+        flips = _flips(s, scorers, args, calibration) if use else None
+        early = _early_stop(s, ref, texts, calibration) if use else None
     return {
         "benchmark": "scorer",
         "size": size,
@@ -270,10 +273,11 @@ def _plain_ways(scorer: Any, texts: list[str], direct_nll: Any) -> dict[str, Any
     }
 
 
-def _early_stop(settings: Settings, scorer: Any, texts: list[str]) -> dict[str, Any]:
+def _early_stop(
+    settings: Settings, scorer: Any, texts: list[str], seeds: list[str]
+) -> dict[str, Any]:
     """Float32 messages/s on ``texts`` with and without ``admission.nll_early_stop``
     at the seed threshold, best of 2 each, and the share of texts stopped early."""
-    seeds = _texts(settings, None)
     threshold = _threshold(settings, [r.nll for r in scorer.score(seeds)])
     best: dict[str, float] = {}
     stopped = over = 0
@@ -295,10 +299,11 @@ def _early_stop(settings: Settings, scorer: Any, texts: list[str]) -> dict[str, 
     }
 
 
-def _flips(settings: Settings, scorers: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Per precision: its own seed threshold, and the decisions on ``--texts`` that
-    differ from float32's (reject when nll >= threshold)."""
-    seeds = _texts(settings, None)
+def _flips(
+    settings: Settings, scorers: dict[str, Any], args: argparse.Namespace, seeds: list[str]
+) -> dict[str, Any]:
+    """Per precision: its own seed threshold (from ``seeds``), and the decisions on
+    ``--texts`` that differ from float32's (reject when nll >= threshold)."""
     decided = _texts(settings, getattr(args, "texts", None))
     out: dict[str, Any] = {"texts": len(decided), "source": getattr(args, "texts", None) or "seeds"}
     verdicts: dict[str, list[bool]] = {}

@@ -34,7 +34,8 @@ def test_every_precision_is_timed_against_its_peak_and_decisions_are_compared(
     export.write_text(json.dumps({"conversation_id": "c", "turns": turns}) + "\n")
     args = build_parser().parse_args(
         ["bench", "scorer", "--config", str(ROOT / "configs" / "demo.yaml"), "--messages", "12",
-         "--reference", "3", "--precisions", "float32,int8,bfloat16", "--texts", str(export)]
+         "--reference", "3", "--precisions", "float32,int8,bfloat16", "--texts", str(export),
+         "--seed-messages", "24"]
     )  # fmt: skip
     result = bench_scorer(args)
     json.dumps(result)
