@@ -160,6 +160,7 @@ def expected_line(spec: ConvSpec) -> str:
     """The export line of a conversation, spelled out field by field."""
     cid, source, truncated, target, fin, turns = spec
     obj = {
+        "record_version": 1,
         "conversation_id": cid,
         "source": source,
         "truncated": truncated,
