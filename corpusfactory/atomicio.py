@@ -30,14 +30,13 @@ def temp_path(path: Path) -> Path:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in directory ``path`` durable (best effort: not every filesystem
-    lets a directory be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Make a rename (or a new file) in directory ``path`` durable; an OSError is
+    raised, not swallowed: the corpus store and the snapshot store stop on it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _commit(tmp: Path, path: Path) -> None:

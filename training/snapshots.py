@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corpusfactory.atomicio import fsync_dir
 from corpusfactory.errors import ContractError, CorpusFactoryError
 from corpusfactory.faults import pause_point
 from corpusfactory.records import SnapshotManifest
@@ -59,14 +60,6 @@ class Snapshot:
     @property
     def parent(self) -> str:
         return str(self.manifest.get("parent") or "")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _slug(name: str) -> str:
@@ -107,16 +100,16 @@ class SnapshotStore:
             if child.is_file():
                 with child.open("rb") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         pause_point("snapshot.publish")
         marker = final / MARKER
         with marker.open("w", encoding="utf-8") as f:
             f.write(f"{time.time()}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(final)
+        fsync_dir(final)
         return self.get(snapshot_id)
 
     def cleanup_partial(self) -> list[str]:

@@ -21,19 +21,6 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def cpu_has_int8_dot() -> bool:
-    """True when this CPU has an int8 dot-product path torch's fbgemm uses (AVX2 at
-    least: vpmaddubsw; AVX512-VNNI/AMX-INT8 are faster still)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "avx2" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
-
-
 def fastest_precision(device: str) -> Precision:
     """The precision ``precision: auto`` picks for the scorer on ``device``.
 
