@@ -138,16 +138,21 @@ demo-toy: setup
 # Two tiers, the fast one first: tests/unit (plain functions, formats, small models:
 # a few minutes), then tests/integration (the real broker, Milvus, DeepSpeed, ...).
 # PYTEST_ARGS runs just what it names, in one go.
-PYTEST := PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)" -m pytest -q -p no:cacheprovider
+TEST_PY := PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(DEPS_PY)"
+PYTEST := $(TEST_PY) -m pytest -q -p no:cacheprovider
 
 # Three tiers, cheapest first, so a broken contract fails in seconds: the fast unit
 # tests (no model, no engine), the slow ones (marked `slow`: models, llama.cpp,
 # DeepSpeed, file builds), then the integration tests (the real broker and Milvus).
+# The integration tier runs as TEST_SHARDS pytest processes side by side over
+# disjoint modules (tests/shards.py: one process leaves much of the CPU idle while
+# engines restart and sessions time out); TEST_SHARDS=1 runs it as one process.
+TEST_SHARDS ?= 2
 test: setup
 ifeq ($(strip $(PYTEST_ARGS)),)
 	$(PYTEST) -m "not slow" tests/unit
 	$(PYTEST) -m slow tests/unit
-	$(PYTEST) tests/integration
+	$(TEST_PY) -m tests.shards --shards $(TEST_SHARDS) tests/integration -q -p no:cacheprovider
 else
 	$(PYTEST) $(PYTEST_ARGS)
 endif

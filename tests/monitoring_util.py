@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -369,3 +370,39 @@ class PrometheusServer:
                 states = [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in active]
                 raise AssertionError(f"targets not all up after {timeout}s: {states}")
             time.sleep(0.2)
+
+    def wait_scraped_after(self, moment: float, scrapes: int = 2, timeout: float = 60.0) -> None:
+        """Wait until every target has been scraped ``scrapes`` times since ``moment``
+        (Unix seconds), whether the scrape succeeded or not (a component that exited
+        is scraped too): its last scrape began ``scrapes - 1`` intervals after
+        ``moment`` or later. Instead of sleeping "a few scrapes" after the last event."""
+        interval = _seconds(self.scrape_interval)
+        since = moment + (scrapes - 1) * interval
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [t["scrapeUrl"] for t in self.targets() if _rfc3339(t["lastScrape"]) < since]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not scraped {scrapes} times after {moment}: {behind}")
+            time.sleep(0.2)
+
+
+def _seconds(duration: str) -> float:
+    """A Prometheus duration in seconds or milliseconds ("1s", "500ms") as seconds."""
+    if duration.endswith("ms"):
+        return float(duration[:-2]) / 1000
+    if duration.endswith("s"):
+        return float(duration[:-1])
+    raise ValueError(f"unsupported duration {duration!r} (use s or ms)")
+
+
+def _rfc3339(stamp: str) -> float:
+    """Prometheus's RFC 3339 time (nanoseconds, ``Z``) as Unix seconds; a target not
+    scraped yet has the zero time, which is far in the past."""
+    match = re.fullmatch(r"(.+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", stamp)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
+    base, fraction, zone = match.groups()
+    whole = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+    return whole.timestamp() + float(f"0.{fraction or 0}")

@@ -1,5 +1,6 @@
-"""Fixtures for end-to-end tests: settings for a fresh stack, the real embedder, and a
-real Milvus standalone server."""
+"""Fixtures for end-to-end tests: settings for a fresh stack, the worker stack shared by
+the modules that use the default test settings, the real embedder, and a real Milvus
+standalone server."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from corpusfactory.settings import Settings, load_settings
 from tests.integration.milvus_server import MilvusStandalone
+from tests.integration.pipeline_util import Stack, worker_stack
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,27 @@ def make_settings(
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return load_settings(None, environ={}, overrides=data)
+
+
+@pytest.fixture(scope="session")
+def default_stack(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, built_models: Any
+) -> Iterator[Stack]:
+    """One admitter and one scorer on the default test settings (``make_settings``
+    with nothing changed), started once and shared by every module that needs no
+    other settings (the self-chat pipeline, ingest, the poison pills).
+
+    The modules share its topics, index and corpus, so each one checks its own
+    conversations (its producer id, its ingest namespace, its conversation ids), and
+    counts what it reads from a topic from where that topic stood when it began. A
+    test that reads the Milvus Lite index pauses the admitter around it
+    (``Stack.admitter_paused``).
+    """
+    settings = make_settings(
+        tmp_path_factory.mktemp("default-stack"), kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}."
+    )
+    with worker_stack(settings, kafka_bootstrap) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

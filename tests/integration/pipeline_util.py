@@ -1,22 +1,23 @@
-"""Helpers for the end-to-end tests: read topics, check invariants I1-I4."""
+"""Helpers for the end-to-end tests: read topics, wait on groups, check invariants I1-I4."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer
 
 from corpusfactory import contract
-from corpusfactory.kafka_clients import ensure_topics
-from corpusfactory.settings import Settings
+from corpusfactory.kafka_clients import assign, consumer, ensure_topics, topic_partitions
+from corpusfactory.settings import KafkaSettings, Settings
 from corpusfactory.tools.stack import WorkerProcess
+from streams.app import app_id_for
 
 
 @dataclass
@@ -26,44 +27,163 @@ class Stack:
     admitter: WorkerProcess
     scorer: WorkerProcess
 
+    @contextmanager
+    def admitter_paused(self) -> Iterator[None]:
+        """The admitter stopped for the block (Milvus Lite opens a file in one process
+        only, so the tests read the index this way), then started again and ready."""
+        self.admitter.stop()
+        try:
+            yield
+        finally:
+            self.admitter.start().wait_ready()
+            wait_assigned(self.bootstrap, self.settings, "admitter")
+
 
 @contextmanager
 def worker_stack(settings: Settings, bootstrap: str) -> Iterator[Stack]:
-    """The topics, one admitter and one scorer, ready; both stopped on exit."""
+    """The topics, one admitter and one scorer, ready and holding every partition of
+    their input topics; both stopped on exit."""
     ensure_topics(settings, bootstrap)
     admitter = WorkerProcess(settings, "admitter").start()
     scorer = WorkerProcess(settings, "scorer").start()
     try:
         admitter.wait_ready()
         scorer.wait_ready()
+        wait_assigned(bootstrap, settings, "admitter")
+        wait_assigned(bootstrap, settings, "scorer")
         yield Stack(settings, bootstrap, admitter, scorer)
     finally:
         scorer.stop()
         admitter.stop()
 
 
+class TopicTail:
+    """A topic read from its beginning, keeping its place: each ``read()`` polls only
+    what arrived since the one before (up to the end offsets at the time of the call)
+    and returns every record read so far, in arrival order. A wait loop polls with one
+    of these instead of reading the whole topic again on each try."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self._consumer = consumer(KafkaSettings(), bootstrap)
+        self._tps = assign(self._consumer, topic, start="beginning")
+        self.records: list[Any] = []
+
+    def read(self, timeout: float = 60.0) -> list[Any]:
+        ends = self._consumer.end_offsets(self._tps)
+        deadline = time.monotonic() + timeout
+        while any(self._consumer.position(tp) < ends[tp] for tp in self._tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {self.topic} to its end")
+            for recs in self._consumer.poll(timeout_ms=500).values():
+                self.records.extend(recs)
+        return self.records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> TopicTail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
     """Every record now in a topic, in partition order (no consumer group)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    with TopicTail(bootstrap, topic) as tail:
+        return tail.read()
+
+
+class DecisionLog:
+    """The decisions topic read incrementally (see TopicTail): turn id -> decisions."""
+
+    def __init__(self, bootstrap: str, settings: Settings) -> None:
+        self._tail = TopicTail(bootstrap, settings.topic(contract.DECISIONS))
+        self._by_turn: dict[str, list[contract.Decision]] = defaultdict(list)
+        self._seen = 0
+
+    def by_turn(self) -> dict[str, list[contract.Decision]]:
+        records = self._tail.read()
+        for rec in records[self._seen :]:
+            if rec.key == b"poison":
+                continue  # planted by the producer's dead-letter test
+            d = contract.decode_decision(rec.value)
+            self._by_turn[d.turn_id].append(d)
+        self._seen = len(records)
+        return {turn: list(ds) for turn, ds in self._by_turn.items()}
+
+    def count(self) -> int:
+        return sum(map(len, self.by_turn().values()))
+
+    def close(self) -> None:
+        self._tail.close()
+
+    def __enter__(self) -> DecisionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_decided(
+    bootstrap: str,
+    settings: Settings,
+    turn_ids: set[str],
+    times: int = 1,
+    timeout: float = 180.0,
+) -> dict[str, list[contract.Decision]]:
+    """Decisions by turn (all of them), once each of ``turn_ids`` has at least
+    ``times`` decisions; the decisions topic is read incrementally meanwhile."""
+    with DecisionLog(bootstrap, settings) as log:
+
+        def ready() -> dict[str, list[contract.Decision]]:
+            ds = log.by_turn()
+            return ds if all(len(ds.get(t, [])) >= times for t in turn_ids) else {}
+
+        return wait_for(ready, timeout, f"decisions for {len(turn_ids)} turns")
+
+
+def group_assignment(bootstrap: str, group: str) -> tuple[str, list[set[tuple[str, int]]]]:
+    """A consumer group's state and, per member, the (topic, partition)s it holds."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        out: list[Any] = []
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topic} to its end")
-            for recs in consumer.poll(timeout_ms=500).values():
-                out.extend(recs)
-        return out
+        info = admin.describe_groups([group])[group]
     finally:
-        consumer.close()
+        admin.close()
+    members = []
+    for member in info.get("members") or []:
+        held: set[tuple[str, int]] = set()
+        assignment = member.get("member_assignment") or {}
+        for entry in assignment.get("assigned_partitions") or []:
+            held.update((entry["topic"], p) for p in entry["partitions"])
+        members.append(held)
+    return str(info.get("group_state", "")), members
 
 
-def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.5) -> Any:
+def wait_assigned(
+    bootstrap: str, settings: Settings, role: str, members: int = 1, timeout: float = 120.0
+) -> list[set[tuple[str, int]]]:
+    """Wait until the group of a worker ``role`` is stable with ``members`` members,
+    each holding some partitions of its input topic and all of them held together;
+    returns what each member holds. A worker is "ready" once its models are loaded;
+    this is the moment it can take events, which the tests wait on instead of
+    sleeping."""
+    source = contract.CANDIDATES if role == "scorer" else contract.SCORED
+    topic = settings.topic(source)
+    want = {(topic, p) for p in range(topic_partitions(settings)[topic])}
+    group = app_id_for(settings, role)
+
+    def assigned() -> list[set[tuple[str, int]]] | None:
+        state, held = group_assignment(bootstrap, group)
+        on_topic = [{tp for tp in h if tp[0] == topic} for h in held]
+        stable = state == "Stable" and len(on_topic) == members and all(on_topic)
+        return on_topic if stable and set().union(*on_topic) == want else None
+
+    return wait_for(assigned, timeout, f"group {group} to hold {topic} with {members} members")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.25) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -95,28 +215,57 @@ def candidate(
 
 
 def decisions_by_turn(bootstrap: str, settings: Settings) -> dict[str, list[contract.Decision]]:
-    out: dict[str, list[contract.Decision]] = defaultdict(list)
-    for rec in read_topic(bootstrap, settings.topic(contract.DECISIONS)):
-        if rec.key == b"poison":
-            continue  # planted by the producer's dead-letter test
-        d = contract.decode_decision(rec.value)
-        out[d.turn_id].append(d)
-    return out
+    with DecisionLog(bootstrap, settings) as log:
+        return log.by_turn()
 
 
-def candidate_ids(bootstrap: str, settings: Settings) -> set[str]:
+Scope = Callable[[str], bool]  # conversation id -> is it one the check is about
+
+
+def _everything(conversation_id: str) -> bool:
+    return True
+
+
+def candidate_ids(bootstrap: str, settings: Settings, scope: Scope = _everything) -> set[str]:
     ids = set()
     for rec in read_topic(bootstrap, settings.topic(contract.CANDIDATES)):
-        ids.add(json.loads(rec.value)["turn_id"])
+        cand = json.loads(rec.value)
+        if scope(cand["conversation_id"]):
+            ids.add(cand["turn_id"])
     return ids
 
 
-def check_i1(bootstrap: str, settings: Settings) -> dict[str, list[contract.Decision]]:
-    """I1: every candidate has decisions, all agreeing, and none is dead-lettered."""
-    decisions = decisions_by_turn(bootstrap, settings)
-    cands = candidate_ids(bootstrap, settings)
-    dead = read_topic(bootstrap, settings.topic(contract.DEADLETTER))
-    assert not dead, f"valid events were dead-lettered: {[r.value[:200] for r in dead]}"
+def _conversation_of(value: str | None) -> str | None:
+    try:
+        found = json.loads(value or "")
+    except ValueError:
+        return None
+    return found.get("conversation_id") if isinstance(found, dict) else None
+
+
+def check_i1(
+    bootstrap: str, settings: Settings, scope: Scope = _everything
+) -> dict[str, list[contract.Decision]]:
+    """I1: every candidate has decisions, all agreeing, and none is dead-lettered.
+
+    ``scope`` limits the check to some conversations (on a stack shared with tests
+    that plant poison on purpose); the decisions returned are those of the scope.
+    """
+    decisions = {
+        turn: ds
+        for turn, ds in decisions_by_turn(bootstrap, settings).items()
+        if scope(ds[0].conversation_id)
+    }
+    cands = candidate_ids(bootstrap, settings, scope)
+    dead = [
+        letter
+        for letter in (
+            contract.DeadLetter(**json.loads(r.value))
+            for r in read_topic(bootstrap, settings.topic(contract.DEADLETTER))
+        )
+        if scope(letter.key or _conversation_of(letter.value) or "")
+    ]
+    assert not dead, f"valid events were dead-lettered: {[d.value for d in dead][:5]}"
     missing = cands - set(decisions)
     assert not missing, f"candidates without a decision: {sorted(missing)[:5]}"
     for turn_id, ds in decisions.items():
@@ -162,9 +311,12 @@ def n_decisions(bootstrap: str, settings: Settings) -> int:
     return sum(len(v) for v in decisions_by_turn(bootstrap, settings).values())
 
 
-def check_all_invariants(bootstrap: str, settings: Settings, embedder: Any) -> list[dict[str, Any]]:
-    """After a fault scenario, with every worker stopped: drain the corpus, check I1-I4.
+def check_all_invariants(
+    bootstrap: str, settings: Settings, embedder: Any, scope: Scope = _everything
+) -> list[dict[str, Any]]:
+    """After a fault scenario, with the admitter stopped: drain the corpus, check I1-I4.
 
+    I1 holds for the conversations in ``scope``; I2-I4 for everything stored.
     Returns the stored conversations.
     """
     from consumers.store import CorpusStore
@@ -172,7 +324,8 @@ def check_all_invariants(bootstrap: str, settings: Settings, embedder: Any) -> l
     from corpusfactory.engines.index import VectorIndex
     from corpusfactory.seeds import load_seeds, seed_messages
 
-    decisions = check_i1(bootstrap, settings)
+    check_i1(bootstrap, settings, scope)
+    decisions = decisions_by_turn(bootstrap, settings)
     with CorpusWriter(settings, bootstrap) as writer:
         assert writer.run_once(60.0).drained
     store = CorpusStore(settings.state_path / "corpus", read_only=True)

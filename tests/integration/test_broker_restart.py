@@ -10,7 +10,7 @@ from corpusfactory.engines.broker import EmbeddedBroker
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.tools.stack import ProducerProcess, WorkerProcess
 from tests.integration.conftest import make_settings
-from tests.integration.pipeline_util import check_all_invariants, n_decisions, wait_for
+from tests.integration.pipeline_util import DecisionLog, check_all_invariants, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,8 @@ def test_broker_restart_under_load(tmp_path, built_models, embedder) -> None:
             admitter.wait_ready()
             scorer.wait_ready()
             prod.start()
-            wait_for(lambda: n_decisions(bootstrap, s) >= 5, 180, "first decisions")
+            with DecisionLog(bootstrap, s) as log:  # closed before the broker stops
+                wait_for(lambda: log.count() >= 5, 180, "first decisions")
             broker.stop()
             assert broker.start(timeout=120) == bootstrap  # same ports, same data
             assert prod.wait(timeout=600) == 0, prod.log_text()[-3000:]

@@ -19,7 +19,7 @@ from corpusfactory.engines.index import KIND_EVAL, VectorIndex
 from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.tools.stack import WorkerProcess
 from tests.integration.conftest import make_settings
-from tests.integration.pipeline_util import candidate, decisions_by_turn, producer, wait_for
+from tests.integration.pipeline_util import candidate, producer, wait_decided
 from training.evaluation.evalita_files import read_ami2020
 from training.evaluation.items import evaluation_items
 from training.evaluation.squad_it import load_squad
@@ -79,15 +79,8 @@ def test_turns_copying_evaluation_items_are_rejected_as_contaminated(
         prod.close()
         ids = {name: f"{conv}-{name}:0:0" for name in texts}
 
-        def decided() -> dict[str, contract.Decision] | None:
-            ds = decisions_by_turn(kafka_bootstrap, settings)
-            return (
-                {n: ds[t][0] for n, t in ids.items()}
-                if all(t in ds for t in ids.values())
-                else None
-            )
-
-        got = wait_for(decided, 180, "decisions")
+        ds = wait_decided(kafka_bootstrap, settings, set(ids.values()))
+        got = {n: ds[t][0] for n, t in ids.items()}
     finally:
         scorer.stop()
         admitter.stop()

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -21,11 +20,11 @@ from corpusfactory.tools.stack import ProducerProcess, WorkerProcess
 from producers.state import ConversationStore
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
+    DecisionLog,
     candidate,
     check_all_invariants,
-    decisions_by_turn,
-    n_decisions,
     producer,
+    wait_assigned,
     wait_for,
 )
 
@@ -49,10 +48,11 @@ def test_sigkill_workers_and_producer_mid_stream(
         admitter.wait_ready()
         scorer.wait_ready()
         prod.start()
-        wait_for(lambda: n_decisions(kafka_bootstrap, s) >= 4, 180, "first decisions")
-        admitter.kill()
-        admitter.start().wait_ready()
-        wait_for(lambda: n_decisions(kafka_bootstrap, s) >= 10, 180, "decisions after restart")
+        with DecisionLog(kafka_bootstrap, s) as log:
+            wait_for(lambda: log.count() >= 4, 180, "first decisions")
+            admitter.kill()
+            admitter.start().wait_ready()
+            wait_for(lambda: log.count() >= 10, 180, "decisions after restart")
         scorer.kill()
         scorer.start().wait_ready()
         prod.kill()
@@ -122,7 +122,10 @@ def test_concurrent_near_duplicates_on_two_partitions(
         admitter.wait_ready()
         for w in scorers:
             w.wait_ready()
-        time.sleep(3)  # let the group settle so each scorer holds one partition
+        # each scorer holds one partition, so that each pair is decided by two workers
+        held = wait_assigned(kafka_bootstrap, s, "scorer", members=2)
+        assert sorted(len(h) for h in held) == [1, 1]
+        wait_assigned(kafka_bootstrap, s, "admitter")
         prod = producer(kafka_bootstrap)
         topic = s.topic(contract.CANDIDATES)
         run = uuid.uuid4().hex[:6]
@@ -139,10 +142,11 @@ def test_concurrent_near_duplicates_on_two_partitions(
         want = {f"{run}-{x}{i}:0:0" for i in range(len(PAIRS)) for x in "ab"}
 
         def all_decided() -> dict:
-            ds = decisions_by_turn(kafka_bootstrap, s)
+            ds = log.by_turn()
             return ds if want <= set(ds) else {}
 
-        decisions = wait_for(all_decided, 180, "decisions for every pair")
+        with DecisionLog(kafka_bootstrap, s) as log:
+            decisions = wait_for(all_decided, 180, "decisions for every pair")
     finally:
         for w in scorers:
             w.stop()

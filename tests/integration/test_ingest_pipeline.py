@@ -2,12 +2,14 @@
 
 Run: ``.venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_ingest_pipeline.py``
 
-A module-wide stack (one admitter, one scorer, as in ``test_pipeline.py``) decides
-the turns of two team fixtures, ``fauno.json`` and ``chats.jsonl``, ingested once
-through ``corpusfactory.cli.main.main`` (``ingest --json``); chats.jsonl with
+The session's default stack (one admitter, one scorer; ``default_stack``, shared
+with ``test_pipeline.py`` and ``test_poison_pills.py``) decides the turns of two team
+fixtures, ``fauno.json`` and ``chats.jsonl``, ingested once through
+``corpusfactory.cli.main.main`` (``ingest --json``); chats.jsonl with
 ``producer.min_truncated_messages: 1``, so that a prefix cut after one accepted
-turn is published (fauno.json keeps 2: such a prefix is not). The tests run in file
-order; the last one stops the workers to check I1-I4 (Milvus Lite allows one
+turn is published (fauno.json keeps 2: such a prefix is not). Each check is about
+the conversations of these two fixtures (their ingest namespaces). The tests run in
+file order; the last one pauses the admitter to check I1-I4 (Milvus Lite allows one
 process per file).
 """
 
@@ -17,9 +19,7 @@ import asyncio
 import io
 import json
 import shutil
-import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,11 @@ from kafka import KafkaConsumer, TopicPartition
 
 from corpusfactory import contract
 from corpusfactory.cli.main import main
-from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.settings import Settings
-from corpusfactory.tools.stack import WorkerProcess, write_settings
+from corpusfactory.tools.stack import write_settings
 from producers.ingest import refine_file
 from producers.ingest.publish import IngestPublisher, run_identity
-from tests.integration.conftest import make_settings
+from tests.integration.pipeline_util import Stack as WorkerStack
 from tests.integration.pipeline_util import check_all_invariants, decisions_by_turn, read_topic
 from tests.unit.test_ingest import FAUNO_REPORT, JSONL_REPORT
 
@@ -48,14 +47,30 @@ CASES = {
 }
 
 
+NAMESPACES = {
+    fmt: run_identity(path, fmt, language="it", min_chars=20, drop_non_target=False)[0]
+    for fmt, (path, _) in CASES.items()
+}
+
+
+def ours(conversation_id: str) -> bool:
+    """A conversation of one of the two fixtures (its id is ``<namespace>:<id>``)."""
+    return conversation_id.split(":", 1)[0] in NAMESPACES.values()
+
+
 @dataclass
 class Stack:
-    settings: Settings
-    bootstrap: str
+    workers: WorkerStack
     configs: dict[str, tuple[Path, Settings]]  # format -> its settings file, settings
-    admitter: WorkerProcess
-    scorer: WorkerProcess
     first: dict[str, dict[str, Any]] = field(default_factory=dict)  # format -> publish counts
+
+    @property
+    def settings(self) -> Settings:
+        return self.workers.settings
+
+    @property
+    def bootstrap(self) -> str:
+        return self.workers.bootstrap
 
 
 def ingest(stack: Stack, path: Path, fmt: str, *flags: str) -> tuple[int, Any, str]:
@@ -83,32 +98,22 @@ def end_offsets(stack: Stack) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
-    state = tmp_path_factory.mktemp("ingest-stack")
-    settings = make_settings(state, kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}.")
-    ensure_topics(settings, kafka_bootstrap)
+def stack(tmp_path_factory, default_stack: WorkerStack) -> Stack:
+    state = tmp_path_factory.mktemp("ingest-configs")
+    settings = default_stack.settings
     loose = settings.model_copy(deep=True)
     loose.producer.min_truncated_messages = 1
     configs = {
         fmt: (write_settings(s, state / f"ingest-{fmt}.yaml"), s)
         for fmt, s in (("fauno", settings), ("jsonl", loose))
     }
-    admitter, scorer = WorkerProcess(settings, "admitter"), WorkerProcess(settings, "scorer")
-    admitter.start()
-    scorer.start()
-    try:
-        admitter.wait_ready()
-        scorer.wait_ready()
-        s = Stack(settings, kafka_bootstrap, configs, admitter, scorer)
-        for fmt, (path, report) in CASES.items():
-            rc, out, err = ingest(s, path, fmt)
-            assert rc == 0, err
-            assert {k: v for k, v in out.items() if k != "publish"} == report
-            s.first[fmt] = out["publish"]
-        yield s
-    finally:
-        scorer.stop()
-        admitter.stop()
+    s = Stack(default_stack, configs)
+    for fmt, (path, report) in CASES.items():
+        rc, out, err = ingest(s, path, fmt)
+        assert rc == 0, err
+        assert {k: v for k, v in out.items() if k != "publish"} == report
+        s.first[fmt] = out["publish"]
+    return s
 
 
 def test_dry_run_and_bad_input_send_nothing(stack: Stack, tmp_path: Path) -> None:
@@ -186,7 +191,7 @@ def test_turns_are_admitted_one_at_a_time_and_prefixes_published(stack: Stack, f
 
 def accepted_ids(stack: Stack) -> set[str]:
     decisions = decisions_by_turn(stack.bootstrap, stack.settings)
-    return {t for t, ds in decisions.items() if ds[0].accepted}
+    return {t for t, ds in decisions.items() if ds[0].accepted and ours(ds[0].conversation_id)}
 
 
 def publications(stack: Stack) -> dict[str, list[tuple[bool, list[str]]]]:
@@ -194,7 +199,8 @@ def publications(stack: Stack) -> dict[str, list[tuple[bool, list[str]]]]:
     out: dict[str, list[tuple[bool, list[str]]]] = defaultdict(list)
     for rec in read_topic(stack.bootstrap, stack.settings.topic(contract.ACCEPTED)):
         conv = contract.decode_accepted(rec.value)
-        out[conv.conversation_id].append((conv.truncated, [t.turn_id for t in conv.turns]))
+        if ours(conv.conversation_id):
+            out[conv.conversation_id].append((conv.truncated, [t.turn_id for t in conv.turns]))
     return out
 
 
@@ -259,10 +265,10 @@ def test_rerun_without_state_interrupted_then_resumed_accepts_nothing_new(stack:
 def test_invariants_hold_and_the_corpus_holds_each_conversation_once(
     stack: Stack, embedder: Any
 ) -> None:
-    """Runs last: stops the workers (the index is read directly)."""
-    stack.scorer.stop()
-    stack.admitter.stop()
-    corpus = check_all_invariants(stack.bootstrap, stack.settings, embedder)
+    """Runs last: pauses the admitter (the index is read directly)."""
+    with stack.workers.admitter_paused():
+        stored = check_all_invariants(stack.bootstrap, stack.settings, embedder, ours)
+    corpus = [conv for conv in stored if ours(conv["conversation_id"])]
     by_source: dict[str, int] = defaultdict(int)
     for conv in corpus:
         by_source[conv["source"]] += 1

@@ -34,7 +34,7 @@ from tests.integration.pipeline_util import (
     decisions_by_turn,
     producer,
     read_topic,
-    wait_for,
+    wait_decided,
     worker_stack,
 )
 from tests.integration.scripted_judge import ScriptedJudge
@@ -136,11 +136,7 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     send(s, bootstrap, cands)
     ids = {c.turn_id for c in cands}
 
-    def decided() -> dict[str, list[contract.Decision]] | None:
-        ds = decisions_by_turn(bootstrap, s)
-        return ds if ids <= set(ds) else None
-
-    got = {t: ds[0] for t, ds in wait_for(decided, 240, "decisions").items() if t in ids}
+    got = {t: ds[0] for t, ds in wait_decided(bootstrap, s, ids, timeout=240).items() if t in ids}
 
     for c in cands:
         d = got[c.turn_id]
@@ -180,11 +176,7 @@ def test_assistant_turns_are_judged_and_low_or_unreadable_verdicts_rejected(
     # judge score included.
     send(s, bootstrap, cands)
 
-    def redecided() -> dict[str, list[contract.Decision]] | None:
-        ds = decisions_by_turn(bootstrap, s)
-        return ds if all(len(ds.get(t, [])) >= 2 for t in ids) else None
-
-    again = wait_for(redecided, 240, "decisions of the re-sent turns")
+    again = wait_decided(bootstrap, s, ids, times=2, timeout=240)  # the re-sent turns
     for t in ids:
         first, second = again[t][0], again[t][1]
         assert second.replayed, t

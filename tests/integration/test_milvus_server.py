@@ -37,16 +37,17 @@ from corpusfactory.tools.stack import WorkerProcess, stop_all
 from tests.integration.conftest import make_settings
 from tests.integration.milvus_server import MilvusStandalone
 from tests.integration.pipeline_util import (
+    DecisionLog,
     candidate,
     check_i1,
     check_i2,
     check_i3,
     check_i4,
-    decisions_by_turn,
     producer,
     read_topic,
     wait_for,
 )
+from tests.integration.pipeline_util import wait_decided as wait_all_decided
 from training.evaluation.items import evaluation_items
 from training.evaluation.squad_it import load_squad
 
@@ -128,12 +129,7 @@ def wait_decided(
     stack: ServerStack, turn_ids: set[str], times: int = 1, timeout: float = 180
 ) -> dict[str, list[contract.Decision]]:
     """Decisions by turn, once each of these turns has at least ``times`` of them."""
-
-    def ready() -> dict[str, list[contract.Decision]]:
-        ds = decisions_by_turn(stack.bootstrap, stack.settings)
-        return ds if all(len(ds.get(t, [])) >= times for t in turn_ids) else {}
-
-    return wait_for(ready, timeout, f"decisions for {len(turn_ids)} turns")
+    return wait_all_decided(stack.bootstrap, stack.settings, turn_ids, times, timeout)
 
 
 ORIGINAL = "La biblioteca comunale resta aperta fino alle dieci di sera durante gli esami."
@@ -268,7 +264,7 @@ def test_server_outage_decides_nothing_and_the_backlog_drains(
     ids = {c.turn_id for c in cands}
 
     def n_decided() -> int:
-        ds = decisions_by_turn(server_stack.bootstrap, s)
+        ds = log.by_turn()
         return sum(t in ds for t in ids)
 
     sent_at: dict[str, float] = {}
@@ -291,7 +287,8 @@ def test_server_outage_decides_nothing_and_the_backlog_drains(
     sender = threading.Thread(target=steady_load, name="steady-load", daemon=True)
     sender.start()
     try:
-        wait_for(lambda: n_decided() >= 20, 180, "decisions under load before the outage")
+        with DecisionLog(server_stack.bootstrap, s) as log:
+            wait_for(lambda: n_decided() >= 20, 180, "decisions under load before the outage")
         down_from = time.time()
         milvus_server.stop()
         down_at = time.time()  # the server process is gone

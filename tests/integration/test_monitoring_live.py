@@ -176,7 +176,7 @@ def live(
             )
             assert reply.status_code == 200, reply.text
             answers.append(reply.json()["choices"][0]["message"]["content"])
-        time.sleep(5)  # a few scrapes after the last event
+        prometheus.wait_scraped_after(time.time())  # the last event is in the series
         yield LiveRun(settings, prometheus, started, time.time(), answers)
 
 

@@ -1,8 +1,10 @@
 """End to end through the real broker, real Milvus Lite and the real models.
 
-A module-wide stack (one admitter, one scorer) serves the self-chat run, the
-poison events and the replay; the replay test runs last because it stops the
-admitter to read the index (Milvus Lite allows one process per file).
+The session's default stack (one admitter, one scorer; ``default_stack``) serves the
+self-chat run, the poison events and the replay. Other modules share it, so each
+test checks its own conversations; the replay runs last here and replays every
+candidate of the shared topic, and pauses the admitter to read the index (Milvus
+Lite allows one process per file).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,31 +26,31 @@ from corpusfactory.settings import Settings
 from corpusfactory.tools.stack import WorkerProcess
 from producers.generators.factory import make_generator
 from producers.service import SelfChatProducer
-from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
+    DecisionLog,
     Stack,
+    TopicTail,
     candidate,
     check_i1,
     check_i2,
     check_i3,
     check_i4,
-    decisions_by_turn,
     producer,
     read_topic,
     wait_for,
-    worker_stack,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("stack"), kafka_bootstrap, f"t{uuid.uuid4().hex[:8]}."
-    )
-    with worker_stack(settings, kafka_bootstrap) as running:
-        yield running
+@pytest.fixture
+def stack(default_stack: Stack) -> Stack:
+    return default_stack
+
+
+def producer_scope(producer_id: str):
+    """The conversations of one producer (its ids start with the producer id)."""
+    return lambda conversation_id: conversation_id.startswith(f"{producer_id}-")
 
 
 def run_producer(settings: Settings, bootstrap: str, conversations: int, producer_id: str):
@@ -73,15 +74,19 @@ def export(settings: Settings, bootstrap: str, tmp_path) -> list[dict]:
 
 def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_path) -> None:
     s = stack.settings
+    mine = producer_scope("p-main")
     stats = run_producer(s, stack.bootstrap, conversations=6, producer_id="p-main")
     assert stats.finished + stats.truncated == 6
     assert stats.published >= 1
     assert sum(stats.decisions.values()) >= stats.candidates_sent - stats.resent
 
-    published = read_topic(stack.bootstrap, s.topic(contract.ACCEPTED))
+    published = [
+        (rec, conv)
+        for rec in read_topic(stack.bootstrap, s.topic(contract.ACCEPTED))
+        if mine((conv := contract.decode_accepted(rec.value)).conversation_id)
+    ]
     assert len(published) == stats.published
-    for rec in published:
-        conv = contract.decode_accepted(rec.value)
+    for rec, conv in published:
         assert rec.key == conv.conversation_id.encode()
         roles = [t.role for t in conv.turns]
         assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
@@ -89,11 +94,12 @@ def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_p
             assert len(conv.turns) == conv.target_length
             assert 4 <= conv.target_length <= 5
 
-    decisions = check_i1(stack.bootstrap, s)
-    corpus = export(s, stack.bootstrap, tmp_path)
+    decisions = check_i1(stack.bootstrap, s, mine)
+    stored = export(s, stack.bootstrap, tmp_path)
+    check_i2(stored)  # I2 and I3 hold for everything stored, whoever sent it
+    check_i3(stored, embedder, s.admission.similarity_threshold)
+    corpus = [conv for conv in stored if mine(conv["conversation_id"])]
     assert len(corpus) == stats.published
-    check_i2(corpus)
-    check_i3(corpus, embedder, s.admission.similarity_threshold)
     for conv in corpus:
         assert conv["source"] == "selfchat"
         for turn in conv["turns"]:
@@ -115,10 +121,12 @@ def test_selfchat_conversations_reach_the_accepted_corpus(stack, embedder, tmp_p
         assert (d.judge_score, d.judge_threshold, d.judge) == (None, None, "")
     assert all(t["judge_score"] is None for conv in corpus for t in conv["turns"])
     # each assistant candidate carries the accepted user turn it answers, for a judge
-    cands = [
+    cands = [  # a candidate's key is its conversation id
         contract.decode_candidate(r.value, s.admission.max_event_chars)
         for r in read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))
+        if r.key is not None and mine(r.key.decode("utf-8", "replace"))
     ]
+    assert {c.turn_id for c in cands} == set(decisions)
     accepted_text = {
         (c.conversation_id, c.index): c.text for c in cands if decisions[c.turn_id][0].accepted
     }
@@ -164,16 +172,20 @@ def test_poison_events_land_on_the_dead_letter_topic(stack) -> None:
     prod.flush()
     prod.close()
 
-    def dead() -> list:
-        recs = [
-            contract.DeadLetter(**json.loads(r.value))
-            for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
-        ]
-        return recs if len(recs) >= len(poison) else []
+    origins = set(sent.values())
 
-    letters = wait_for(dead, 120, "dead letters")
+    def dead() -> list:
+        letters = [
+            d
+            for d in (contract.DeadLetter(**json.loads(r.value)) for r in tail.read())
+            if d.origin_topic == topic and (d.origin_partition, d.origin_offset) in origins
+        ]
+        return letters if len(letters) >= len(poison) else []
+
+    with TopicTail(stack.bootstrap, s.topic(contract.DEADLETTER)) as tail:
+        letters = wait_for(dead, 120, "dead letters")
     got = {(d.origin_partition, d.origin_offset): d for d in letters}
-    assert len(letters) == len(poison)
+    assert len(letters) == len(poison)  # each poison event once
     for name, where in sent.items():
         d = got[where]
         assert d.origin_topic == topic and d.stage == "decode" and d.error, name
@@ -183,42 +195,44 @@ def test_poison_events_land_on_the_dead_letter_topic(stack) -> None:
     assert "empty" in got[sent["empty_text"]].error
 
     # the valid events on the same partitions kept flowing
-    def decided() -> bool:
-        ds = decisions_by_turn(stack.bootstrap, s)
-        return all(f"{conv}-ok{i}:0:0" in ds for i in range(len(poison)))
-
-    wait_for(decided, 120, "decisions for the valid events")
+    with DecisionLog(stack.bootstrap, s) as log:
+        wait_for(
+            lambda: all(f"{conv}-ok{i}:0:0" in log.by_turn() for i in range(len(poison))),
+            120,
+            "decisions for the valid events",
+        )
 
 
 def test_poison_decisions_are_dead_lettered_by_the_producer(stack) -> None:
     s = stack.settings
-    n_candidates = len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES)))
+    candidates = TopicTail(stack.bootstrap, s.topic(contract.CANDIDATES))
+    letters = TopicTail(stack.bootstrap, s.topic(contract.DEADLETTER))
+    n_candidates, n_letters = len(candidates.read()), len(letters.read())
     result: dict = {}
     worker = threading.Thread(
         target=lambda: result.update(
             stats=run_producer(s, stack.bootstrap, conversations=1, producer_id="p-poison")
         )
     )
-    worker.start()
-    # once the producer has sent a candidate it holds its decision partitions
-    wait_for(
-        lambda: len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))) > n_candidates,
-        120,
-        "the producer's first candidate",
-    )
-    prod = producer(stack.bootstrap)
-    bad_reason = json.dumps({"schema_version": 1, "turn_id": "x", "reason": "meh"}).encode()
-    for value in (b"{not json", bad_reason):
-        prod.send(s.topic(contract.DECISIONS), key=b"poison", value=value, partition=0)
-    prod.flush()
-    prod.close()
-    worker.join(timeout=300)
-    assert not worker.is_alive() and result["stats"].finished + result["stats"].truncated == 1
-    letters = [
-        contract.DeadLetter(**json.loads(r.value))
-        for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
-    ]
-    mine = [d for d in letters if d.stage == "producer"]
+    try:
+        worker.start()
+        # once the producer has sent a candidate it holds its decision partitions
+        wait_for(
+            lambda: len(candidates.read()) > n_candidates, 120, "the producer's first candidate"
+        )
+        prod = producer(stack.bootstrap)
+        bad_reason = json.dumps({"schema_version": 1, "turn_id": "x", "reason": "meh"}).encode()
+        for value in (b"{not json", bad_reason):
+            prod.send(s.topic(contract.DECISIONS), key=b"poison", value=value, partition=0)
+        prod.flush()
+        prod.close()
+        worker.join(timeout=300)
+        assert not worker.is_alive() and result["stats"].finished + result["stats"].truncated == 1
+        new = [contract.DeadLetter(**json.loads(r.value)) for r in letters.read()[n_letters:]]
+    finally:
+        candidates.close()
+        letters.close()
+    mine = [d for d in new if d.stage == "producer"]
     assert len(mine) == 2
     assert all(d.origin_topic == s.topic(contract.DECISIONS) for d in mine)
     assert {d.value for d in mine} == {"{not json", bad_reason.decode()}
@@ -227,24 +241,33 @@ def test_poison_decisions_are_dead_lettered_by_the_producer(stack) -> None:
 def test_replay_from_the_beginning_accepts_nothing_new(stack) -> None:
     """Runs last: a second scorer group replays every candidate, then the index is checked."""
     s = stack.settings
-    before = decisions_by_turn(stack.bootstrap, s)
-    n_before = sum(len(v) for v in before.values())
-    replay_settings = s.model_copy(deep=True)
-    replay_settings.worker.app_id = s.worker.app_id + "-replay"  # a fresh group: from offset 0
-    replayer = WorkerProcess(replay_settings, "scorer", name="scorer-replay").start()
-    try:
-        replayer.wait_ready()
-        n_candidates = (
-            len(read_topic(stack.bootstrap, s.topic(contract.CANDIDATES))) - len(POISON) - 3
-        )  # the poison test's own bad events are dead-lettered again, not decided
+    topic = s.topic(contract.CANDIDATES)
+    with DecisionLog(stack.bootstrap, s) as log:
+        n_before = log.count()
+        # Every candidate is decided again, but those dead-lettered (poison, the other
+        # modules' pills and conflicts), which are dead-lettered again.
+        dead = {
+            (d.origin_partition, d.origin_offset)
+            for d in (
+                contract.DeadLetter(**json.loads(r.value))
+                for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
+            )
+            if d.origin_topic == topic
+        }
+        n_candidates = len(read_topic(stack.bootstrap, topic)) - len(dead)
+        replay_settings = s.model_copy(deep=True)
+        replay_settings.worker.app_id = s.worker.app_id + "-replay"  # a fresh group: offset 0
+        replayer = WorkerProcess(replay_settings, "scorer", name="scorer-replay").start()
 
         def replayed() -> dict:
-            ds = decisions_by_turn(stack.bootstrap, s)
-            return ds if sum(len(v) for v in ds.values()) >= n_before + n_candidates else {}
+            ds = log.by_turn()
+            return ds if sum(map(len, ds.values())) >= n_before + n_candidates else {}
 
-        after = wait_for(replayed, 240, "replayed decisions")
-    finally:
-        replayer.stop()
+        try:
+            replayer.wait_ready()
+            after = wait_for(replayed, 240, "replayed decisions")
+        finally:
+            replayer.stop()
     for turn_id, ds in after.items():
         first, rest = ds[0], ds[1:]
         for d in rest:
@@ -252,10 +275,10 @@ def test_replay_from_the_beginning_accepts_nothing_new(stack) -> None:
             if d.accepted:
                 assert d.replayed
     accepted = {t for t, ds in after.items() if ds[0].accepted}
-    stack.admitter.stop()
-    index = VectorIndex.from_settings(s, 384)
-    try:
-        n_seeds = len(seed_messages(load_seeds(s.producer.seed_file)))
-        check_i4(index, accepted, n_seeds)
-    finally:
-        index.close()
+    with stack.admitter_paused():
+        index = VectorIndex.from_settings(s, 384)
+        try:
+            n_seeds = len(seed_messages(load_seeds(s.producer.seed_file)))
+            check_i4(index, accepted, n_seeds)
+        finally:
+            index.close()

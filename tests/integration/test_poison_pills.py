@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -26,35 +26,21 @@ from corpusfactory.kafka_clients import ensure_topics
 from corpusfactory.tools.stack import WorkerProcess
 from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
+    DecisionLog,
     Stack,
+    TopicTail,
     candidate,
-    decisions_by_turn,
     producer,
-    read_topic,
     wait_for,
-    worker_stack,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, kafka_bootstrap, built_models) -> Iterator[Stack]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("pills"),
-        kafka_bootstrap,
-        f"t{uuid.uuid4().hex[:8]}.",
-        admission={"batch_window_s": 0.5},  # one window catches the whole burst
-    )
-    with worker_stack(settings, kafka_bootstrap) as running:
-        yield running
-
-
-def _dead_letters(stack: Stack) -> list[contract.DeadLetter]:
-    return [
-        contract.DeadLetter(**json.loads(r.value))
-        for r in read_topic(stack.bootstrap, stack.settings.topic(contract.DEADLETTER))
-    ]
+@pytest.fixture
+def stack(default_stack: Stack) -> Stack:
+    """The session's default stack (shared with the pipeline and ingest modules)."""
+    return default_stack
 
 
 def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack) -> None:
@@ -110,13 +96,13 @@ def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack
     conflict_b["text"] = "Una seconda versione, tutt'altra cosa."
     twice = contract.encode(candidate(conv, 91, "Questo turno arriva due volte di fila."))
 
+    # Sent as one burst (one flush), so that the events share the workers' batches.
     prod = producer(stack.bootstrap)
-    sent: dict[str, tuple[int, int]] = {}
+    futures: dict[str, Any] = {}
     valid: list[str] = []
 
     def send(name: str, value: bytes) -> None:
-        meta = prod.send(topic, key=key, value=value).get(timeout=30)
-        sent[name] = (meta.partition, meta.offset)
+        futures[name] = prod.send(topic, key=key, value=value)
 
     for i, (name, (value, _)) in enumerate(pills.items()):
         good = candidate(conv, 1 + i, texts[i])
@@ -131,14 +117,25 @@ def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack
     last = candidate(conv, 50, texts[-1])
     send("valid_last", contract.encode(last))
     valid.append(last.turn_id)
+    prod.flush()
     prod.close()
+    sent = {
+        name: (f.get(timeout=30).partition, f.get(timeout=30).offset) for name, f in futures.items()
+    }
+    origins = set(sent.values())
 
     n_dead = len(pills) + 1  # the pills and the conflicting text
-    letters = wait_for(
-        lambda: (lambda d: d if len(d) >= n_dead else [])(_dead_letters(stack)),
-        180,
-        "the dead letters",
-    )
+
+    def dead_letters() -> list[contract.DeadLetter]:
+        letters = [
+            d
+            for d in (contract.DeadLetter(**json.loads(r.value)) for r in tail.read())
+            if d.origin_topic == topic and (d.origin_partition, d.origin_offset) in origins
+        ]
+        return letters if len(letters) >= n_dead else []
+
+    with TopicTail(stack.bootstrap, s.topic(contract.DEADLETTER)) as tail:
+        letters = wait_for(dead_letters, 180, "the dead letters")
     by_origin = {(d.origin_partition, d.origin_offset): d for d in letters}
     assert len(letters) == n_dead, [d.error for d in letters]
     for name, (_, message) in pills.items():
@@ -151,11 +148,12 @@ def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack
     assert json.loads(c.value)["text"] == conflict_b["text"]
 
     def all_decided() -> dict:
-        ds = decisions_by_turn(stack.bootstrap, s)
+        ds = log.by_turn()
         want = [*valid, conflict.turn_id, f"{conv}:91:0"]
         return ds if all(t in ds for t in want) and len(ds[f"{conv}:91:0"]) >= 2 else {}
 
-    ds = wait_for(all_decided, 180, "decisions for every valid event")
+    with DecisionLog(stack.bootstrap, s) as log:
+        ds = wait_for(all_decided, 180, "decisions for every valid event")
     assert len(ds[conflict.turn_id]) == 1
     copies = ds[f"{conv}:91:0"]
     assert len(copies) == 2 and sorted(d.replayed for d in copies) == [False, True]

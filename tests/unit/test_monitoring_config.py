@@ -443,6 +443,11 @@ def test_prometheus_scrapes_a_target() -> None:
             now = time.time()
             (series,) = server.query_range("up", now - 5, now, 1)
             assert series["values"][-1][1] == "1"
+            # two scrapes after this moment: two raw samples of `up` stamped after it
+            moment = time.time()
+            server.wait_scraped_after(moment, scrapes=2, timeout=30)
+            (raw,) = server.query("up[1m]")
+            assert len([t for t, _ in raw["values"] if float(t) >= moment]) >= 2
     finally:
         exporter.shutdown()
         exporter.server_close()
