@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,36 @@ def check_ref(ref: str) -> None:
         )
 
 
+# Milvus Lite runs its server inside the process that opens a file, and that server
+# holds the file's lock until it is stopped: closing the client leaves it running,
+# so no other process (an admitter started again, a check reading the index) could
+# open the file until this one exits. The indexes of this process on each file are
+# counted; the last one closed stops the server and frees the file.
+_LITE_OPEN: dict[str, int] = {}
+_LITE_LOCK = threading.Lock()
+
+
+def _lite_opened(path: str) -> None:
+    with _LITE_LOCK:
+        key = os.path.abspath(path)
+        _LITE_OPEN[key] = _LITE_OPEN.get(key, 0) + 1
+
+
+def _lite_closed(path: str) -> None:
+    key = os.path.abspath(path)
+    with _LITE_LOCK:
+        left = _LITE_OPEN.get(key, 0) - 1
+        if left > 0:
+            _LITE_OPEN[key] = left
+            return
+        _LITE_OPEN.pop(key, None)
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # a pymilvus without Milvus Lite never opened a file
+        return
+    server_manager_instance.release_server(key)
+
+
 class VectorIndex:
     """A narrow interface over one Milvus collection."""
 
@@ -153,8 +185,11 @@ class VectorIndex:
         self.collection = collection
         self.dim = dim
         self.timeout = timeout_s
-        if "://" not in uri:
+        self._lite = "://" not in uri  # a Milvus Lite file
+        self._closed = False
+        if self._lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            _lite_opened(uri)
         try:
             self._client: Any = MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
             if not self._client.has_collection(collection):
@@ -173,9 +208,11 @@ class VectorIndex:
             if not self._client.has_collection(self.reserved_collection):
                 self._create(index_type, self.reserved_collection)
             self._client.load_collection(self.reserved_collection)
-        except CorpusFactoryError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if self._lite:
+                _lite_closed(uri)
+            if isinstance(exc, CorpusFactoryError) or not isinstance(exc, Exception):
+                raise
             from pymilvus.exceptions import ConnectionConfigException, ParamError
 
             msg = f"cannot open Milvus at {self.shown_uri!r}: {_one_line(exc)}"
@@ -404,7 +441,13 @@ class VectorIndex:
         }
 
     def close(self) -> None:
+        """Close the client; the last index of this process on a Milvus Lite file also
+        stops the embedded server, which frees the file for another process. Closing
+        twice does nothing more."""
         try:
             self._client.close()
         except Exception as exc:  # closing a dead connection is not worth failing a shutdown for
             log.warning("closing Milvus client failed: %s", exc)
+        if self._lite and not self._closed:
+            _lite_closed(self.uri)
+        self._closed = True

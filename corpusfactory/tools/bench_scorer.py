@@ -161,9 +161,10 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
         nll_by: dict[str, list[float]] = {}
         scorers: dict[str, Any] = {}
         peaks: dict[str, float] = {}
-        # The useful FLOPs of the texts, from the float32 model: a quantized linear layer
-        # holds packed weights, not parameters, so it cannot be counted from itself.
-        counter = MLMScorer(model_dir, device=s.models.device, max_tokens=adm.max_tokens)
+        # The useful FLOPs of the texts are counted from a model that is not quantized: a
+        # quantized linear layer holds packed weights, not parameters. The first such
+        # scorer run counts; a float32 model is loaded for it only when int8 alone runs.
+        counter: MLMScorer | None = None
         for precision in precisions:
             resolved = _auto(s.models.device) if precision == "auto" else precision
             peaks[resolved] = peak_gflops(resolved)
@@ -189,6 +190,10 @@ def bench_scorer(args: argparse.Namespace) -> dict[str, Any]:
             results = scorer.score(texts)
             dt = time.perf_counter() - t
             tokens = [r.tokens for r in results]
+            if counter is None and scorer.precision != "int8":
+                counter = scorer
+            if counter is None:
+                counter = MLMScorer(model_dir, device=s.models.device, max_tokens=adm.max_tokens)
             achieved = counter.estimate_flops(tokens) / dt / 1e9
             peak = peaks[scorer.precision]
             runs[scorer.precision] = {

@@ -264,7 +264,7 @@ def test_server_outage_decides_nothing_and_the_backlog_drains(
     ids = {c.turn_id for c in cands}
 
     def n_decided() -> int:
-        ds = log.by_turn()
+        ds = decisions_log.by_turn()
         return sum(t in ds for t in ids)
 
     sent_at: dict[str, float] = {}
@@ -287,7 +287,7 @@ def test_server_outage_decides_nothing_and_the_backlog_drains(
     sender = threading.Thread(target=steady_load, name="steady-load", daemon=True)
     sender.start()
     try:
-        with DecisionLog(server_stack.bootstrap, s) as log:
+        with DecisionLog(server_stack.bootstrap, s) as decisions_log:
             wait_for(lambda: n_decided() >= 20, 180, "decisions under load before the outage")
         down_from = time.time()
         milvus_server.stop()

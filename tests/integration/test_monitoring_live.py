@@ -56,6 +56,7 @@ pytestmark = pytest.mark.integration
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 WINDOW = "15s"  # rate windows of the queries: 15 scrapes at 1 s
+STEP_S = 2  # the step of the range queries over the run
 
 
 def free_port() -> int:
@@ -176,21 +177,25 @@ def live(
             )
             assert reply.status_code == 200, reply.text
             answers.append(reply.json()["choices"][0]["message"]["content"])
-        prometheus.wait_scraped_after(time.time())  # the last event is in the series
+        # The queries below step by STEP_S over the run: the run ends once every series
+        # that began by now (sampled at most one scrape later) is under a step point.
+        prometheus.wait_scraped_after(time.time(), scrapes=STEP_S + 2)
         yield LiveRun(settings, prometheus, started, time.time(), answers)
 
 
 def _has_data(run: LiveRun, expr: str) -> bool:
-    result = run.prometheus.query_range(expr, run.started, run.ended, 2)
+    result = run.prometheus.query_range(expr, run.started, run.ended, STEP_S)
     return any(series["values"] for series in result)
 
 
 def test_every_component_is_scraped(live: LiveRun) -> None:
-    up = live.prometheus.query_range("up", live.started, live.ended, 2)
+    up = live.prometheus.query_range("up", live.started, live.ended, STEP_S)
     jobs = {s["metric"]["job"] for s in up if any(v[1] == "1" for v in s["values"])}
     assert jobs == {f"corpusfactory-{c}" for c in (*COMPONENTS, "server")}
     # The producer exits once its conversations are done: over the run, not at its end.
-    info = live.prometheus.query_range("corpusfactory_component_info", live.started, live.ended, 2)
+    info = live.prometheus.query_range(
+        "corpusfactory_component_info", live.started, live.ended, STEP_S
+    )
     assert {s["metric"]["component"] for s in info} == set(COMPONENTS)
 
 
