@@ -1,9 +1,11 @@
 """Run the local stack: worker processes beside the embedded broker.
 
 Used by ``corpusfactory demo``, the pipeline benchmark and the integration
-tests. Each worker is a real ``corpusfactory worker`` process with the same
-settings (written to a YAML file it is given), logging to
-``<state_dir>/logs/<name>.log``; it is ready when it logs its ready line.
+tests. Each worker is a real ``corpusfactory worker`` process with its settings
+written to its own YAML file (``<state_dir>/run/<name>.yaml``: processes with other
+settings on the same state directory, such as a replaying scorer, never start one
+another), logging to ``<state_dir>/logs/<name>.log``; it is ready when it logs its
+ready line.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ class ServiceProcess:
         logs = settings.state_path / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.name}.log"
-        self.config = write_settings(settings, settings.state_path / "run" / "settings.yaml")
+        # Its own file, written again at each start (a restart runs with the settings
+        # it was made with, whatever another process on this state directory wrote).
+        self.config = settings.state_path / "run" / f"{self.name}.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
     def start(self) -> ServiceProcess:
+        write_settings(self.settings, self.config)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")

@@ -174,13 +174,19 @@ def wait_assigned(
     want = {(topic, p) for p in range(topic_partitions(settings)[topic])}
     group = app_id_for(settings, role)
 
+    seen: list[Any] = []
+
     def assigned() -> list[set[tuple[str, int]]] | None:
         state, held = group_assignment(bootstrap, group)
         on_topic = [{tp for tp in h if tp[0] == topic} for h in held]
+        seen[:] = [state, on_topic]
         stable = state == "Stable" and len(on_topic) == members and all(on_topic)
         return on_topic if stable and set().union(*on_topic) == want else None
 
-    return wait_for(assigned, timeout, f"group {group} to hold {topic} with {members} members")
+    try:
+        return wait_for(assigned, timeout, f"group {group} to hold {topic} with {members} members")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; last seen: state {seen[0]!r}, members hold {seen[1]}") from None
 
 
 def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.25) -> Any:

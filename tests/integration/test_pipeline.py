@@ -59,7 +59,9 @@ def run_producer(settings: Settings, bootstrap: str, conversations: int, produce
     settings.producer.producer_id = producer_id  # its own state file and decision group
     gen = make_generator(settings.producer, resolve_model(settings.models.generator), "cpu")
     try:
-        return asyncio.run(SelfChatProducer(settings, bootstrap, gen).run())
+        # A producer waits on each turn's decision: bounded, so that a stack that stopped
+        # deciding fails this test in minutes, not at the suite's per-test timeout.
+        return asyncio.run(asyncio.wait_for(SelfChatProducer(settings, bootstrap, gen).run(), 300))
     finally:
         gen.close()
 

@@ -71,3 +71,22 @@ def test_an_existing_readable_file_is_replaced_by_a_private_one(
     assert _mode(path) == 0o600
     assert PASSWORD in path.read_text(encoding="utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["settings.yaml"]
+
+
+def test_each_process_starts_with_its_own_settings_file(tmp_path: Path) -> None:
+    """Two processes on one state directory with other settings (a replaying scorer
+    beside the stack's): each one's restart runs with its own settings. Both files
+    once shared one path, so a restarted admitter took the replayer's app id."""
+    from corpusfactory.tools.stack import ServiceProcess
+
+    main = _settings(tmp_path)
+    other = main.model_copy(deep=True)
+    other.worker.app_id = main.worker.app_id + "-replay"
+    first = ServiceProcess(main, ["--version"], "admitter")
+    second = ServiceProcess(other, ["--version"], "scorer-replay")
+    assert first.config != second.config
+    for proc in (first, second, first):  # the first one started again, after the other
+        proc.start()
+        assert proc.proc is not None and proc.proc.wait(timeout=120) is not None
+        assert load_settings(proc.config, environ={}).worker.app_id == proc.settings.worker.app_id
+    assert load_settings(first.config, environ={}).worker.app_id == main.worker.app_id
