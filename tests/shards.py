@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import statistics
@@ -124,17 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no test modules under {args.path}")
     dealt = deal(found, args.shards, read_durations())
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[subprocess.Popen[bytes], Path, list[Path]]] = []
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     for i, shard in enumerate(dealt):
         log = args.log_dir / f"shard-{i}.log"
         names = " ".join(m.name for m in shard)
         print(f"shard {i}: {names} (log: {log})", flush=True)
         with open(log, "wb") as out:
             cmd = [sys.executable, "-m", "pytest", *pytest_args, *map(str, shard)]
-            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log, shard))
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log))
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        for proc, _, _ in procs:
+        for proc, _ in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
@@ -142,13 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     started = time.monotonic()
     codes = []
-    for i, (proc, log, _) in enumerate(procs):
-        while True:
-            try:
-                codes.append(proc.wait())
-                break
-            except KeyboardInterrupt:  # pragma: no cover - the handler above forwards it
-                continue
+    for i, (proc, log) in enumerate(procs):
+        codes.append(proc.wait())  # SIGINT no longer raises here: it is forwarded
         took = time.monotonic() - started
         print(f"\n===== shard {i} exited {codes[-1]} after {took:.0f}s =====", flush=True)
         sys.stdout.write(log.read_text(encoding="utf-8", errors="replace"))
@@ -158,5 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

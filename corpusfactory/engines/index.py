@@ -178,8 +178,6 @@ class VectorIndex:
         index_type: str = "FLAT",
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        from pymilvus import MilvusClient
-
         self.uri = uri
         self.shown_uri = redact_uri(uri)
         self.collection = collection
@@ -191,7 +189,19 @@ class VectorIndex:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             _lite_opened(uri)
         try:
-            self._client: Any = MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
+            self._open(token, index_type)
+        except BaseException:
+            if self._lite:
+                _lite_closed(uri)
+            raise
+
+    def _open(self, token: str | None, index_type: str) -> None:
+        """Connect and make sure the three collections exist and are loaded."""
+        from pymilvus import MilvusClient
+
+        collection = self.collection
+        try:
+            self._client: Any = MilvusClient(uri=self.uri, token=token or "", timeout=self.timeout)
             if not self._client.has_collection(collection):
                 self._create(index_type)
             else:
@@ -208,11 +218,9 @@ class VectorIndex:
             if not self._client.has_collection(self.reserved_collection):
                 self._create(index_type, self.reserved_collection)
             self._client.load_collection(self.reserved_collection)
-        except BaseException as exc:
-            if self._lite:
-                _lite_closed(uri)
-            if isinstance(exc, CorpusFactoryError) or not isinstance(exc, Exception):
-                raise
+        except CorpusFactoryError:
+            raise
+        except Exception as exc:
             from pymilvus.exceptions import ConnectionConfigException, ParamError
 
             msg = f"cannot open Milvus at {self.shown_uri!r}: {_one_line(exc)}"

@@ -126,6 +126,36 @@ class DecisionLog:
         self.close()
 
 
+def dead_letters(records: list[Any]) -> list[contract.DeadLetter]:
+    """The records of the dead-letter topic, decoded."""
+    return [contract.DeadLetter(**json.loads(r.value)) for r in records]
+
+
+def wait_dead_letters(
+    bootstrap: str,
+    settings: Settings,
+    origin_topic: str,
+    origins: set[tuple[int, int]],
+    n: int,
+    timeout: float,
+) -> list[contract.DeadLetter]:
+    """The dead letters of the events at ``origins`` ((partition, offset) in
+    ``origin_topic``), once at least ``n`` of them are there; the dead-letter topic
+    is read incrementally meanwhile."""
+    with TopicTail(bootstrap, settings.topic(contract.DEADLETTER)) as tail:
+
+        def arrived() -> list[contract.DeadLetter]:
+            letters = [
+                d
+                for d in dead_letters(tail.read())
+                if d.origin_topic == origin_topic
+                and (d.origin_partition, d.origin_offset) in origins
+            ]
+            return letters if len(letters) >= n else []
+
+        return wait_for(arrived, timeout, f"{n} dead letters from {origin_topic}")
+
+
 def wait_decided(
     bootstrap: str,
     settings: Settings,
@@ -144,13 +174,9 @@ def wait_decided(
         return wait_for(ready, timeout, f"decisions for {len(turn_ids)} turns")
 
 
-def group_assignment(bootstrap: str, group: str) -> tuple[str, list[set[tuple[str, int]]]]:
+def group_assignment(admin: KafkaAdminClient, group: str) -> tuple[str, list[set[tuple[str, int]]]]:
     """A consumer group's state and, per member, the (topic, partition)s it holds."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        info = admin.describe_groups([group])[group]
-    finally:
-        admin.close()
+    info = admin.describe_groups([group])[group]
     members = []
     for member in info.get("members") or []:
         held: set[tuple[str, int]] = set()
@@ -177,16 +203,19 @@ def wait_assigned(
     seen: list[Any] = []
 
     def assigned() -> list[set[tuple[str, int]]] | None:
-        state, held = group_assignment(bootstrap, group)
+        state, held = group_assignment(admin, group)
         on_topic = [{tp for tp in h if tp[0] == topic} for h in held]
         seen[:] = [state, on_topic]
         stable = state == "Stable" and len(on_topic) == members and all(on_topic)
         return on_topic if stable and set().union(*on_topic) == want else None
 
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)  # one for the whole wait
     try:
         return wait_for(assigned, timeout, f"group {group} to hold {topic} with {members} members")
     except TimeoutError as exc:
         raise TimeoutError(f"{exc}; last seen: state {seen[0]!r}, members hold {seen[1]}") from None
+    finally:
+        admin.close()
 
 
 def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.25) -> Any:
@@ -250,25 +279,24 @@ def _conversation_of(value: str | None) -> str | None:
 
 
 def check_i1(
-    bootstrap: str, settings: Settings, scope: Scope = _everything
+    bootstrap: str,
+    settings: Settings,
+    scope: Scope = _everything,
+    all_decisions: dict[str, list[contract.Decision]] | None = None,
 ) -> dict[str, list[contract.Decision]]:
     """I1: every candidate has decisions, all agreeing, and none is dead-lettered.
 
     ``scope`` limits the check to some conversations (on a stack shared with tests
     that plant poison on purpose); the decisions returned are those of the scope.
+    ``all_decisions``: the decisions topic by turn, when the caller has read it.
     """
-    decisions = {
-        turn: ds
-        for turn, ds in decisions_by_turn(bootstrap, settings).items()
-        if scope(ds[0].conversation_id)
-    }
+    if all_decisions is None:
+        all_decisions = decisions_by_turn(bootstrap, settings)
+    decisions = {turn: ds for turn, ds in all_decisions.items() if scope(ds[0].conversation_id)}
     cands = candidate_ids(bootstrap, settings, scope)
     dead = [
         letter
-        for letter in (
-            contract.DeadLetter(**json.loads(r.value))
-            for r in read_topic(bootstrap, settings.topic(contract.DEADLETTER))
-        )
+        for letter in dead_letters(read_topic(bootstrap, settings.topic(contract.DEADLETTER)))
         if scope(letter.key or _conversation_of(letter.value) or "")
     ]
     assert not dead, f"valid events were dead-lettered: {[d.value for d in dead][:5]}"
@@ -330,8 +358,8 @@ def check_all_invariants(
     from corpusfactory.engines.index import VectorIndex
     from corpusfactory.seeds import load_seeds, seed_messages
 
-    check_i1(bootstrap, settings, scope)
     decisions = decisions_by_turn(bootstrap, settings)
+    check_i1(bootstrap, settings, scope, decisions)
     with CorpusWriter(settings, bootstrap) as writer:
         assert writer.run_once(60.0).drained
     store = CorpusStore(settings.state_path / "corpus", read_only=True)

@@ -35,8 +35,10 @@ from tests.integration.pipeline_util import (
     check_i2,
     check_i3,
     check_i4,
+    dead_letters,
     producer,
     read_topic,
+    wait_dead_letters,
     wait_for,
 )
 
@@ -174,18 +176,7 @@ def test_poison_events_land_on_the_dead_letter_topic(stack) -> None:
     prod.flush()
     prod.close()
 
-    origins = set(sent.values())
-
-    def dead() -> list:
-        letters = [
-            d
-            for d in (contract.DeadLetter(**json.loads(r.value)) for r in tail.read())
-            if d.origin_topic == topic and (d.origin_partition, d.origin_offset) in origins
-        ]
-        return letters if len(letters) >= len(poison) else []
-
-    with TopicTail(stack.bootstrap, s.topic(contract.DEADLETTER)) as tail:
-        letters = wait_for(dead, 120, "dead letters")
+    letters = wait_dead_letters(stack.bootstrap, s, topic, set(sent.values()), len(poison), 120)
     got = {(d.origin_partition, d.origin_offset): d for d in letters}
     assert len(letters) == len(poison)  # each poison event once
     for name, where in sent.items():
@@ -230,7 +221,7 @@ def test_poison_decisions_are_dead_lettered_by_the_producer(stack) -> None:
         prod.close()
         worker.join(timeout=300)
         assert not worker.is_alive() and result["stats"].finished + result["stats"].truncated == 1
-        new = [contract.DeadLetter(**json.loads(r.value)) for r in letters.read()[n_letters:]]
+        new = dead_letters(letters.read()[n_letters:])
     finally:
         candidates.close()
         letters.close()
@@ -250,10 +241,7 @@ def test_replay_from_the_beginning_accepts_nothing_new(stack) -> None:
         # modules' pills and conflicts), which are dead-lettered again.
         dead = {
             (d.origin_partition, d.origin_offset)
-            for d in (
-                contract.DeadLetter(**json.loads(r.value))
-                for r in read_topic(stack.bootstrap, s.topic(contract.DEADLETTER))
-            )
+            for d in dead_letters(read_topic(stack.bootstrap, s.topic(contract.DEADLETTER)))
             if d.origin_topic == topic
         }
         n_candidates = len(read_topic(stack.bootstrap, topic)) - len(dead)

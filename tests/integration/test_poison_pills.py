@@ -28,9 +28,9 @@ from tests.integration.conftest import make_settings
 from tests.integration.pipeline_util import (
     DecisionLog,
     Stack,
-    TopicTail,
     candidate,
     producer,
+    wait_dead_letters,
     wait_for,
 )
 
@@ -122,20 +122,8 @@ def test_poison_pills_mid_batch_are_dead_lettered_and_the_batch_is_decided(stack
     sent = {
         name: (f.get(timeout=30).partition, f.get(timeout=30).offset) for name, f in futures.items()
     }
-    origins = set(sent.values())
-
     n_dead = len(pills) + 1  # the pills and the conflicting text
-
-    def dead_letters() -> list[contract.DeadLetter]:
-        letters = [
-            d
-            for d in (contract.DeadLetter(**json.loads(r.value)) for r in tail.read())
-            if d.origin_topic == topic and (d.origin_partition, d.origin_offset) in origins
-        ]
-        return letters if len(letters) >= n_dead else []
-
-    with TopicTail(stack.bootstrap, s.topic(contract.DEADLETTER)) as tail:
-        letters = wait_for(dead_letters, 180, "the dead letters")
+    letters = wait_dead_letters(stack.bootstrap, s, topic, set(sent.values()), n_dead, 180)
     by_origin = {(d.origin_partition, d.origin_offset): d for d in letters}
     assert len(letters) == n_dead, [d.error for d in letters]
     for name, (_, message) in pills.items():
